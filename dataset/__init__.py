@@ -1,0 +1,1 @@
+"""Dataset TOML configuration, media decoding, buckets and the latent / text-encoder caches."""

@@ -1,0 +1,1 @@
+"""LoRA networks (``--network_module networks.lora_kandinsky``)."""
