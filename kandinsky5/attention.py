@@ -1,0 +1,119 @@
+"""Attention kernels for the DiT, resolved once when the model is built.
+
+Layout everywhere in this module: ``q, k, v`` are ``(B, S, H, D)`` (batch, tokens, heads, head dim) and the result
+has the same layout.  SDPA wants ``(B, H, S, D)``; the transposes live here, not in the model.
+
+Which kernel runs where (as in the official code):
+
+* visual self-attention: the selected *dense* backend (``sdpa`` default, ``flash_attn`` = FlashAttention 2,
+  ``flash3`` = FlashAttention 3, ``sage_attn`` = SageAttention, ``xformers``) or NABLA (``kandinsky5.nabla``);
+* text self-attention and cross-attention: always SDPA with a boolean key-padding mask, because the padded text
+  batch needs a mask and the fast kernels take none.  These are short sequences, so the cost is small.
+
+Optional packages are imported when a backend is resolved.  Asking for one that is not installed is an error that
+names the pip package; there is never a silent fallback to another kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kandinsky5.common import UserError, get_logger
+
+__all__ = ["DENSE_BACKENDS", "AttentionFn", "resolve_backend", "sdpa", "masked_sdpa", "backend_from_flags"]
+
+log = get_logger(__name__)
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Backend:
+    module: str  # python module to import
+    pip: str  # what to install
+    note: str = ""
+
+
+_OPTIONAL = {
+    "flash_attn": _Backend("flash_attn", "pip install flash-attn --no-build-isolation"),
+    "flash3": _Backend(
+        "flash_attn_interface", "build FlashAttention 3 from the flash-attention repo (hopper/ directory)", "H100/H200"
+    ),
+    "sage_attn": _Backend("sageattention", "pip install sageattention", "quantises q/k to int8: not for parity runs"),
+    "xformers": _Backend("xformers.ops", "pip install xformers"),
+}
+DENSE_BACKENDS = ("sdpa", *_OPTIONAL)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """PyTorch scaled-dot-product attention, scale 1/sqrt(D), no mask."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA where ``key_mask`` (B, S_k) bool marks real keys (True); None means every key is real."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def _flash2(mod) -> AttentionFn:
+    return lambda q, k, v: mod.flash_attn_func(q, k, v)
+
+
+def _flash3(mod) -> AttentionFn:
+    def run(q, k, v):
+        out = mod.flash_attn_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
+
+    return run
+
+
+def _sage(mod) -> AttentionFn:
+    return lambda q, k, v: mod.sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+
+def _xformers(mod) -> AttentionFn:
+    return lambda q, k, v: mod.memory_efficient_attention(q, k, v)
+
+
+_FACTORIES = {"flash_attn": _flash2, "flash3": _flash3, "sage_attn": _sage, "xformers": _xformers}
+
+
+def resolve_backend(name: str, log_choice: bool = True) -> AttentionFn:
+    """Return the dense attention function for ``name``; import optional packages now, fail with the remedy."""
+    if name == "sdpa":
+        fn = sdpa
+    elif name in _OPTIONAL:
+        spec = _OPTIONAL[name]
+        try:
+            mod = importlib.import_module(spec.module)
+        except ImportError as exc:
+            raise UserError(
+                f"attention backend --{name} needs the '{spec.module}' package, which is not importable ({exc}); "
+                f"install it with: {spec.pip}, or use --sdpa"
+            ) from None
+        fn = _FACTORIES[name](mod)
+    else:
+        raise UserError(f"unknown attention backend {name!r}; choose one of: {', '.join(DENSE_BACKENDS)}")
+    if log_choice:
+        extra = f" ({_OPTIONAL[name].note})" if name in _OPTIONAL and _OPTIONAL[name].note else ""
+        log.info("attention: visual self-attention uses %s%s; text and cross-attention use masked SDPA", name, extra)
+    return fn
+
+
+def backend_from_flags(**flags: bool) -> str:
+    """Map the mutually exclusive CLI switches (``sdpa=True``, ``flash_attn=False``, ...) to one backend name."""
+    chosen = [name for name, on in flags.items() if on]
+    if len(chosen) > 1:
+        raise UserError(f"choose one attention backend, got {', '.join('--' + c for c in chosen)}")
+    name = chosen[0] if chosen else "sdpa"
+    if name not in DENSE_BACKENDS:
+        raise UserError(f"unknown attention backend {name!r}; choose one of: {', '.join(DENSE_BACKENDS)}")
+    return name

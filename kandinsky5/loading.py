@@ -1,0 +1,153 @@
+"""Load official Kandinsky 5 DiT checkpoints (``.safetensors``) into :class:`kandinsky5.dit.DiT`, strictly and streamed.
+
+The model is built on the meta device (no memory), every tensor is read from the memory-mapped safetensors file one
+at a time, converted to its target dtype/device and assigned in place, so peak host memory is about one copy of the
+model in its *target* dtype (never a full fp32 copy of a 19B model).
+
+Accepted inputs: one ``.safetensors`` file (official release, bf16 or fp32), or a directory of them (diffusers-style
+shards); keys may carry a ComfyUI ``model.diffusion_model.`` / ``diffusion_model.`` prefix, which is stripped.
+
+Every check is strict: a checkpoint that does not fit the task fails with one line naming the task, the file and the
+first missing / unexpected / mis-shaped key.
+
+dtype policy (one place): see :func:`param_dtype`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kandinsky5.common import UserError, get_logger
+from kandinsky5.configs import TaskConfig
+from kandinsky5.dit import AttentionSpec, DiT
+
+__all__ = ["load_dit", "param_dtype", "checkpoint_files", "read_header", "file_fingerprint", "FP32_PARAMS"]
+
+log = get_logger(__name__)
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+
+# Parameters that stay fp32 whatever the run dtype: the time MLP and every modulation linear.  The official model
+# computes them in fp32 (autocast(fp32)); diffusers keeps them in fp32 (_keep_in_fp32_modules).  They are ~11% of
+# Pro's weights (2.27 B params in modulation).
+FP32_PARAMS = re.compile(r"(^time_embeddings\.|modulation\.)")
+
+
+def param_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of parameter ``key`` in a run whose weight dtype is ``dtype``."""
+    return torch.float32 if FP32_PARAMS.search(key) else dtype
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors file(s) behind ``--dit``; a clear error when there are none."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"--dit {path} is a directory without .safetensors files; pass the checkpoint file")
+        return files
+    if not path.exists():
+        raise UserError(f"DiT checkpoint not found: {path} (check --dit)")
+    if path.suffix != ".safetensors":
+        raise UserError(f"DiT checkpoint {path} is not a .safetensors file; the official releases are safetensors")
+    return [path]
+
+
+def _strip(key: str) -> str:
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def read_header(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """key -> (shape, safetensors dtype string, file), reading only the JSON headers."""
+    out: dict[str, tuple[tuple[int, ...], str, Path]] = {}
+    for file in files:
+        with open(file, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            try:
+                header = json.loads(fh.read(size))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"{file} is not a valid safetensors file (corrupt header)") from None
+        for key, info in header.items():
+            if key != "__metadata__":
+                out[_strip(key)] = (tuple(info["shape"]), info["dtype"], file)
+    return out
+
+
+def _check_fit(task: TaskConfig, expected: dict[str, tuple[int, ...]], found: dict, name: str) -> None:
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshaped = [k for k in expected if k in found and tuple(found[k][0]) != tuple(expected[k])]
+    if not (missing or unexpected or misshaped):
+        return
+    if misshaped:
+        k = misshaped[0]
+        first = f"mis-shaped key {k!r} (checkpoint {list(found[k][0])}, task {list(expected[k])})"
+    elif missing:
+        first = f"missing key {missing[0]!r}"
+    else:
+        first = f"unexpected key {unexpected[0]!r}"
+    raise UserError(
+        f"checkpoint {name} does not fit task {task.name}: {first} "
+        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped); "
+        f"pick the --task that matches this checkpoint (python kandinsky5_generate_video.py --help lists them)"
+    )
+
+
+def iter_tensors(files: list[Path], keys: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (stripped key, CPU tensor) one at a time from memory-mapped files."""
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for raw in f.keys():
+                key = _strip(raw)
+                if key in keys:
+                    yield key, f.get_tensor(raw)
+
+
+def load_dit(
+    task: TaskConfig,
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    attention: AttentionSpec | None = None,
+    convert: Callable[[DiT], None] | None = None,
+) -> DiT:
+    """Build ``task``'s DiT on meta, stream the checkpoint into it (strict) and return it on ``device``.
+
+    ``convert`` may change the meta model before loading (e.g. swap Linears for fp8 ones); it must keep the keys.
+    """
+    files = checkpoint_files(path)
+    with torch.device("meta"):
+        dit = DiT(task.dit, attention)
+    if convert is not None:
+        convert(dit)
+    meta_sd = dit.state_dict()
+    expected = {k: tuple(v.shape) for k, v in meta_sd.items()}
+    found = read_header(files)
+    _check_fit(task, expected, found, str(path))
+    state = {}
+    for key, tensor in iter_tensors(files, expected):
+        target = meta_sd[key].dtype if tensor.dtype == torch.float8_e4m3fn else param_dtype(key, dtype)
+        state[key] = tensor.to(device=device, dtype=target)
+    dit.load_state_dict(state, strict=True, assign=True)
+    log.info("loaded DiT %s for %s: %d tensors, weights %s (time/modulation fp32)", path, task.name, len(state), dtype)
+    return dit
+
+
+def file_fingerprint(path: str | Path, nbytes: int = 1 << 20) -> str:
+    """Short, cheap identity of a (large) file: sha256 of its size, header and first ``nbytes`` bytes."""
+    h = hashlib.sha256()
+    for file in checkpoint_files(path) if Path(path).is_dir() else [Path(path)]:
+        h.update(str(file.stat().st_size).encode())
+        with open(file, "rb") as fh:
+            h.update(fh.read(nbytes))
+    return h.hexdigest()[:16]

@@ -1,0 +1,57 @@
+"""Shared test utilities: random re-initialisation of models and diffusers reference construction."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kandinsky5.configs import DiTConfig
+
+
+def randomize_(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
+    """Redraw every parameter away from its init (norm weights around 1, everything else ~N(0, std))."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_((base + noise).to(p.dtype))
+    return module
+
+
+def diffusers_dit(cfg: DiTConfig):
+    """diffusers' Kandinsky5Transformer3DModel with the same architecture as ``cfg`` (dense attention)."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    return Kandinsky5Transformer3DModel(
+        in_visual_dim=cfg.in_visual_dim,
+        in_text_dim=cfg.in_text_dim,
+        in_text_dim2=cfg.in_text_dim2,
+        time_dim=cfg.time_dim,
+        out_visual_dim=cfg.out_visual_dim,
+        patch_size=cfg.patch_size,
+        model_dim=cfg.model_dim,
+        ff_dim=cfg.ff_dim,
+        num_text_blocks=cfg.num_text_blocks,
+        num_visual_blocks=cfg.num_visual_blocks,
+        axes_dims=cfg.axes_dims,
+        visual_cond=cfg.visual_cond,
+        attention_type="regular",
+    )
+
+
+def diffusers_forward(model, x, text, pooled, time, scale_factor=(1.0, 2.0, 2.0)):
+    """Run diffusers' transformer on one unpadded sample batch; x (B, T, H, W, C) channels-last."""
+    b, t, h, w, _ = x.shape
+    grid = (t, h // 2, w // 2)
+    visual_pos = tuple(torch.arange(n) for n in grid)
+    text_pos = torch.arange(text.shape[1])
+    out = model(x, text, time, pooled, visual_pos, text_pos, scale_factor=scale_factor, return_dict=False)
+    return out
+
+
+def rel_close(out: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> tuple[bool, float]:
+    """``max|out - ref| <= rel * max|ref|`` (architecture.md section 9 whole-model tolerance)."""
+    err = (out.float() - ref.float()).abs().max().item()
+    bound = rel * ref.float().abs().max().item()
+    return err <= bound, err / max(ref.float().abs().max().item(), 1e-30)

@@ -1,0 +1,71 @@
+"""Strict, streamed DiT checkpoint loading and its one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kandinsky5.common import UserError
+from kandinsky5.configs import get_task
+from kandinsky5.dit import DiT
+from kandinsky5.loading import load_dit, param_dtype
+from tests.helpers import randomize_
+
+TASK = get_task("k5-tiny-t2v")
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    dit = randomize_(DiT(TASK.dit), seed=2)
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in dit.state_dict().items()}, str(path))
+    return path, dit
+
+
+def test_load_roundtrip_bf16_and_dtype_policy(ckpt):
+    path, ref = ckpt
+    dit = load_dit(TASK, path, dtype=torch.bfloat16)
+    sd = dit.state_dict()
+    for key, value in ref.state_dict().items():
+        assert sd[key].dtype == param_dtype(key, torch.bfloat16)
+        torch.testing.assert_close(sd[key].float(), value.to(torch.bfloat16).float(), rtol=0, atol=0)
+    assert sd["visual_transformer_blocks.0.visual_modulation.out_layer.weight"].dtype == torch.float32
+    assert sd["time_embeddings.in_layer.weight"].dtype == torch.float32
+    assert sd["visual_transformer_blocks.0.feed_forward.in_layer.weight"].dtype == torch.bfloat16
+    assert not any(p.is_meta for p in dit.parameters())
+
+
+def test_comfy_prefix_is_stripped(tmp_path, ckpt):
+    path, ref = ckpt
+    prefixed = tmp_path / "comfy.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in ref.state_dict().items()}, str(prefixed))
+    load_dit(TASK, prefixed, dtype=torch.float32)
+
+
+def test_wrong_task_is_one_line_error(ckpt):
+    path, _ = ckpt
+    other = dataclasses.replace(TASK, name="k5-other", dit=dataclasses.replace(TASK.dit, num_visual_blocks=5))
+    with pytest.raises(UserError) as err:
+        load_dit(other, path)
+    msg = str(err.value)
+    assert "\n" not in msg and "k5-other" in msg and "missing key 'visual_transformer_blocks.4" in msg
+    wide = dataclasses.replace(TASK, dit=dataclasses.replace(TASK.dit, ff_dim=256))
+    with pytest.raises(UserError, match="mis-shaped key 'text_transformer_blocks.0.feed_forward.in_layer.weight'"):
+        load_dit(wide, path)
+
+
+def test_unexpected_key_and_missing_file(tmp_path, ckpt):
+    path, ref = ckpt
+    extra = tmp_path / "extra.safetensors"
+    save_file({**{k: v.contiguous() for k, v in ref.state_dict().items()}, "lora.x": torch.zeros(1)}, str(extra))
+    with pytest.raises(UserError, match="unexpected key 'lora.x'"):
+        load_dit(TASK, extra)
+    with pytest.raises(UserError, match="not found"):
+        load_dit(TASK, tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(UserError, match="corrupt header"):
+        load_dit(TASK, bad)

@@ -1,0 +1,119 @@
+"""NABLA: fractal order, STA prior, block selection, sparse == masked dense, geometry errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from diffusers.models.transformers import transformer_kandinsky as ref
+
+from kandinsky5.attention import sdpa
+from kandinsky5.common import UserError
+from kandinsky5.configs import NablaConfig, get_task
+from kandinsky5.dit import AttentionSpec, DiT
+from kandinsky5.nabla import block_mask, check_geometry, dense_mask_attention, fractal_permutation, sta_mask
+from tests.helpers import randomize_, rel_close
+
+
+def test_fractal_order_matches_diffusers():
+    t, gh, gw = 2, 16, 24
+    x = torch.randn(1, t, gh, gw, 3)
+    rope = torch.randn(1, t, gh, gw, 5)
+    ref_x, _ = ref.fractal_flatten(x, rope, (1, t, gh, gw), block_mask=True)
+    perm = fractal_permutation(t, gh, gw)
+    assert torch.equal(x.flatten(1, 3)[:, perm], ref_x)
+    assert torch.equal(x.flatten(1, 3)[:, perm][:, torch.argsort(perm)], x.flatten(1, 3))
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 2, 11, 3, 3), (12, 1, 3, 11, 3, 3), (4, 3, 4, 3, 1, 5), (1, 2, 2, 1, 1, 1)])
+def test_sta_mask_brute_force(shape):
+    t, hb, wb, wt, wh, ww = shape
+    mask = sta_mask(t, hb, wb, wt, wh, ww)
+    coords = list(itertools.product(range(t), range(hb), range(wb)))
+    for i, a in enumerate(coords):
+        for j, b in enumerate(coords):
+            keep = abs(a[0] - b[0]) <= wt // 2 and abs(a[1] - b[1]) <= wh // 2 and abs(a[2] - b[2]) <= ww // 2
+            assert bool(mask[i, j]) == keep
+
+
+def test_block_selection_matches_diffusers_fp32():
+    torch.manual_seed(0)
+    t, hb, wb, heads, d = 3, 2, 2, 2, 32
+    s = t * hb * wb * 64
+    q, k = torch.randn(1, s, heads, d) * 3, torch.randn(1, s, heads, d) * 3
+    sta = sta_mask(t, hb, wb, 3, 1, 1)
+    for p in (0.3, 0.7, 0.9):
+        ours = block_mask(q, k, NablaConfig(P=p), sta)
+        theirs = ref.nablaT_v2(q, k, sta[None, None], thr=p).to_dense().bool()
+        assert torch.equal(ours, theirs), p
+        assert ours[..., sta].all()  # the prior is always kept
+
+
+def test_topk_and_no_sta():
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 8 * 64, 2, 16), torch.randn(2, 8 * 64, 2, 16)
+    mask = block_mask(q, k, NablaConfig(P=0.25, method="topk", add_sta=False), None)
+    assert (mask.sum(-1) == math.ceil(0.25 * 8)).all()
+
+
+def test_sparse_attention_equals_explicitly_masked_dense():
+    torch.manual_seed(2)
+    b, n, h, d = 1, 4, 2, 16
+    q, k, v = (torch.randn(b, n * 64, h, d) for _ in range(3))
+    mask = torch.rand(b, h, n, n) > 0.5
+    mask[..., torch.arange(n), torch.arange(n)] = True
+    out = dense_mask_attention(q, k, v, mask)
+    full = mask.repeat_interleave(64, -2).repeat_interleave(64, -1)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    probs = scores.masked_fill(~full, float("-inf")).softmax(-1)
+    torch.testing.assert_close(out, torch.einsum("bhqk,bkhd->bqhd", probs, v), rtol=1e-5, atol=1e-5)
+    keep_all = torch.ones(b, h, n, n, dtype=torch.bool)
+    torch.testing.assert_close(dense_mask_attention(q, k, v, keep_all), sdpa(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_dit_with_nabla_keeping_every_block_equals_dense():
+    cfg = get_task("k5-tiny-t2v").dit
+    dense = randomize_(DiT(cfg), seed=4).eval()
+    sparse = DiT(cfg, AttentionSpec(nabla=NablaConfig(P=1.0)))
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(1, 2, 32, 32, cfg.in_channels)  # grid 16x16: four 8x8 tiles per frame
+    text, pooled, time = torch.randn(1, 5, cfg.in_text_dim), torch.randn(1, cfg.in_text_dim2), torch.tensor([700.0])
+    with torch.no_grad():
+        ok, rel = rel_close(sparse(x, text, None, pooled, time), dense(x, text, None, pooled, time), 1e-4)
+    assert ok, f"token reordering changed more than summation order: {rel:.2e}"
+
+
+def test_dit_with_real_sparsity_differs_but_is_finite():
+    cfg = get_task("k5-tiny-t2v").dit
+    dit = randomize_(DiT(cfg, AttentionSpec(nabla=NablaConfig(P=0.3, wT=1, wH=1, wW=1))), seed=4)
+    x = torch.randn(1, 2, 32, 32, cfg.in_channels)
+    out = dit(x, torch.randn(1, 5, cfg.in_text_dim), None, torch.randn(1, cfg.in_text_dim2), torch.tensor([700.0]))
+    assert torch.isfinite(out).all()
+
+
+def test_geometry_errors_name_the_sizes_and_the_fix():
+    check_geometry(32, 48)
+    with pytest.raises(UserError) as err:
+        check_geometry(30, 48)
+    msg = str(err.value)
+    assert "multiples of 128" in msg and "768x480" in msg and "--nabla_resize" in msg and "384 or 512" in msg
+    cfg = get_task("k5-tiny-t2v").dit
+    dit = DiT(cfg, AttentionSpec(nabla=NablaConfig()))
+    with pytest.raises(UserError, match="multiples of 128"):
+        dit(torch.randn(1, 1, 16, 24, 33), torch.randn(1, 3, 64), None, torch.randn(1, 32), torch.tensor([1.0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention path needs CUDA")
+def test_flex_path_matches_dense_mask_on_gpu():
+    from kandinsky5.nabla import flex_block_attention
+
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 8 * 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.rand(1, 2, 8, 8, device="cuda") > 0.5
+    mask[..., torch.arange(8), torch.arange(8)] = True
+    torch.testing.assert_close(
+        flex_block_attention(q, k, v, mask), dense_mask_attention(q, k, v, mask), atol=2e-2, rtol=2e-2
+    )
