@@ -1,0 +1,209 @@
+"""Shared command-line flag groups, ``--config_file`` TOML merging and the error-reporting entry wrapper.
+
+The four scripts build their parsers from these groups so that a flag means the same thing everywhere:
+
+* :func:`add_model_args` — ``--task``, ``--dit``, ``--vae``, ``--text_encoder_qwen``, ``--text_encoder_clip``;
+* :func:`add_attention_args` — ``--sdpa | --flash_attn | --flash3 | --sage_attn | --xformers`` and the NABLA group;
+* :func:`add_memory_args` — ``--fp8_base``, ``--fp8_scaled``, ``--fp8_fast``, ``--blocks_to_swap``, ...
+
+:func:`parse_args` reads an optional TOML file (``--config_file``) whose keys must be flag names (unknown keys are an
+error listing the close matches); the command line wins over the file.  :func:`run_main` turns a
+:class:`~kandinsky5.common.UserError` into one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kandinsky5.attention import backend_from_flags, resolve_backend
+from kandinsky5.common import UserError, get_logger
+from kandinsky5.configs import NablaConfig, TaskConfig, get_task, task_names
+
+__all__ = [
+    "add_model_args",
+    "add_attention_args",
+    "add_memory_args",
+    "add_config_file_arg",
+    "parse_args",
+    "task_from_args",
+    "attention_spec_from_args",
+    "run_main",
+]
+
+log = get_logger(__name__)
+
+_BACKEND_FLAGS = ("sdpa", "flash_attn", "flash3", "sage_attn", "xformers")
+
+
+def add_model_args(parser: argparse.ArgumentParser, dit: bool = True, vae: bool = True, text: bool = True) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--task",
+        default=None,
+        help=f"model configuration (architecture, attention, defaults); one of: {', '.join(task_names())}",
+    )
+    if dit:
+        g.add_argument("--dit", default=None, help="DiT checkpoint: official .safetensors file (or a dir of shards)")
+    if vae:
+        g.add_argument(
+            "--vae",
+            default=None,
+            help="HunyuanVideo VAE: diffusion_pytorch_model.safetensors, its diffusers directory, or pytorch_model.pt",
+        )
+    if text:
+        g.add_argument(
+            "--text_encoder_qwen",
+            default=None,
+            help="Qwen2.5-VL-7B-Instruct: hub model id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) or local snapshot dir",
+        )
+        g.add_argument(
+            "--text_encoder_clip",
+            default=None,
+            help="CLIP ViT-L/14 text model: hub id (openai/clip-vit-large-patch14) or local snapshot dir",
+        )
+
+
+def add_attention_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("attention (choose at most one backend; default SDPA)")
+    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled_dot_product_attention (default)")
+    g.add_argument("--flash_attn", action="store_true", help="FlashAttention 2 for visual self-attention")
+    g.add_argument("--flash3", action="store_true", help="FlashAttention 3 (Hopper) for visual self-attention")
+    g.add_argument("--sage_attn", action="store_true", help="SageAttention (int8 q/k; not bit-faithful)")
+    g.add_argument("--xformers", action="store_true", help="xformers memory-efficient attention")
+    n = parser.add_argument_group("NABLA sparse attention (task default unless forced)")
+    n.add_argument(
+        "--force_nabla_attention", action="store_true", help="use NABLA even if the task defaults to dense attention"
+    )
+    n.add_argument("--nabla_method", choices=("topcdf", "topk"), default=None, help="block selection (topcdf)")
+    n.add_argument("--nabla_P", type=float, default=None, help="CDF threshold / kept fraction (task value or 0.9)")
+    n.add_argument("--nabla_wT", type=int, default=None, help="STA window in latent frames (11)")
+    n.add_argument("--nabla_wH", type=int, default=None, help="STA window in 8x8-token tiles, height (3)")
+    n.add_argument("--nabla_wW", type=int, default=None, help="STA window in 8x8-token tiles, width (3)")
+    sta = n.add_mutually_exclusive_group()
+    sta.add_argument(
+        "--nabla_add_sta",
+        dest="nabla_add_sta",
+        action="store_true",
+        default=None,
+        help="OR the sliding-tile (STA) prior into the NABLA mask (default)",
+    )
+    sta.add_argument("--no_nabla_add_sta", dest="nabla_add_sta", action="store_false",
+                     help="use only the dynamic NABLA mask, without the STA prior")  # fmt: skip
+
+
+def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    g = parser.add_argument_group("memory")
+    g.add_argument("--fp8_base", action="store_true", help="store the DiT's large linear weights in fp8 (e4m3)")
+    g.add_argument("--fp8_scaled", action="store_true", help="accepted for musubi compatibility; fp8 is always scaled")
+    g.add_argument("--fp8_fast", action="store_true", help="with --fp8_base: fp8 scaled matmul on GPUs that have it")
+    g.add_argument("--blocks_to_swap", type=int, default=0, help="transformer blocks kept in CPU memory and streamed")
+    g.add_argument(
+        "--use_pinned_memory_for_block_swap", action="store_true", help="pin swapped blocks' CPU memory (faster copy)"
+    )
+    g.add_argument(
+        "--offload_dit_during_sampling",
+        action="store_true",
+        help="move the DiT to CPU while the text encoders and the VAE run",
+    )
+    if training:
+        g.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
+        g.add_argument(
+            "--gradient_checkpointing_cpu_offload",
+            action="store_true",
+            help="with --gradient_checkpointing: keep the saved block inputs in CPU memory",
+        )
+
+
+def add_config_file_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config_file", default=None, help="TOML file whose keys are flag names (without --); the command line wins"
+    )
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
+    import toml
+
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"--config_file {path} does not exist")
+    try:
+        values = toml.load(file)
+    except toml.TomlDecodeError as exc:
+        raise UserError(f"--config_file {path} is not valid TOML: {exc}") from None
+    flat = {}
+    for key, value in values.items():
+        flat.update(value if isinstance(value, dict) else {key: value})  # [sections] are only for grouping
+    dests = {a.dest for a in parser._actions}
+    for key in flat:
+        if key not in dests:
+            close = difflib.get_close_matches(key, dests, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"unknown key {key!r} in --config_file {path}{hint}")
+    parser.set_defaults(**flat)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; with ``--config_file`` the file's values become defaults that the command line overrides."""
+    pre, _ = parser.parse_known_args(argv)
+    if getattr(pre, "config_file", None):
+        _apply_config_file(parser, pre.config_file)
+    return parser.parse_args(argv)
+
+
+def task_from_args(args: argparse.Namespace) -> TaskConfig:
+    if not args.task:
+        raise UserError(f"--task is required; choose one of: {', '.join(task_names())}")
+    try:
+        return get_task(args.task)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def nabla_from_args(args: argparse.Namespace, task: TaskConfig) -> NablaConfig | None:
+    """The task's NABLA setting (or a forced default one) with any explicit --nabla_* flag applied."""
+    base = task.nabla
+    if base is None and not args.force_nabla_attention:
+        given = [f for f in ("nabla_method", "nabla_P", "nabla_wT", "nabla_wH", "nabla_wW") if getattr(args, f)]
+        if given:
+            raise UserError(
+                f"--{given[0]} has no effect: task {task.name} uses dense attention; add --force_nabla_attention"
+            )
+        return None
+    base = base or NablaConfig()
+    fields = {"method": "nabla_method", "P": "nabla_P", "wT": "nabla_wT", "wH": "nabla_wH", "wW": "nabla_wW"}
+    changes = {f: getattr(args, a) for f, a in fields.items() if getattr(args, a) is not None}
+    if args.nabla_add_sta is not None:
+        changes["add_sta"] = args.nabla_add_sta
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def attention_spec_from_args(args: argparse.Namespace, task: TaskConfig):
+    """Resolve the attention flags into a :class:`kandinsky5.dit.AttentionSpec` (imports happen here, once)."""
+    from kandinsky5.dit import AttentionSpec
+
+    backend = backend_from_flags(**{f: bool(getattr(args, f, False)) for f in _BACKEND_FLAGS})
+    nabla = nabla_from_args(args, task)
+    resolve_backend(backend, log_choice=nabla is None)  # import the kernel now: a missing package fails here
+    if nabla is not None:
+        log.info(
+            "attention: NABLA for visual self-attention (%s, P=%s, STA %s, windows %d/%d/%d)",
+            nabla.method, nabla.P, "on" if nabla.add_sta else "off", nabla.wT, nabla.wH, nabla.wW,
+        )  # fmt: skip
+    return AttentionSpec(backend=backend, nabla=nabla)
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Call ``main(argv)``; a UserError becomes ``error: <message>`` on stderr and exit status 1."""
+    try:
+        return main(argv) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
