@@ -67,9 +67,10 @@ class TimestepConfig:
       * ``shift``    the sigmoid draw, then ``t <- shift*t / (1 + (shift-1)*t)`` (default;
         shift = --discrete_flow_shift)
       * ``logsnr``   lambda ~ N(logit_mean, logit_std), t = sigmoid(-lambda / 2)
-      * ``sigma``    musubi's default family: t from ``weighting_scheme`` (``logit_normal``: sigmoid(N(logit_mean,
-        logit_std)); ``mode``: SD3's mode density with ``mode_scale``; ``uniform``), **no shift**, snapped up to the
-        1000-step grid {0.001, ..., 1.0} so the DiT sees integer times 1..1000 as in musubi.
+      * ``sigma``    musubi's default family: t = 1 - u' with u' from ``weighting_scheme`` (``logit_normal``:
+        sigmoid(N(logit_mean, logit_std)); ``mode``: SD3's mode density with ``mode_scale``; ``uniform``), **no
+        shift**, snapped up to the 1000-step grid {0.001, ..., 1.0} so the DiT sees integer times 1..1000 as in
+        musubi (which indexes its descending schedule with u').
     Resolution-dependent modes (musubi's flux_shift, qwen_shift, ...) are not offered: their shift is a function
     of the latent size, which a per-batch sampler without image size cannot define.
     """
@@ -132,11 +133,15 @@ def _quantile_logsnr(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
 
 
 def _quantile_sigma_continuous(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
-    """musubi's weighting-scheme densities (before snapping to the 1000-step grid)."""
+    """musubi's weighting-scheme densities (before snapping to the 1000-step grid).
+
+    musubi draws u' from the density and indexes the *descending* schedule, so t = 1 - u' (up to the grid):
+    logit-normal u' = sigmoid(mean + std z) gives t = sigmoid(std z - mean) (a positive mean favours low noise).
+    """
     if cfg.weighting_scheme == "logit_normal":
-        return torch.sigmoid(cfg.logit_mean + cfg.logit_std * _normal_ppf(u))
+        return torch.sigmoid(cfg.logit_std * _normal_ppf(u) - cfg.logit_mean)
     if cfg.weighting_scheme == "mode":
-        # SD3's u' = 1 - u - s(cos^2(pi u/2) - 1 + u) is symmetric about 1/2; t = 1 - u' is its increasing form.
+        # SD3's u' = 1 - u - s(cos^2(pi u/2) - 1 + u); t = 1 - u' is increasing in u.
         return u + cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     return u
 

@@ -60,13 +60,14 @@ def _configs() -> list[TimestepConfig]:
         TimestepConfig(mode="shift", shift=3.0, sigmoid_scale=0.8),
         TimestepConfig(mode="logsnr", logit_mean=-1.0, logit_std=2.0),
         TimestepConfig(mode="sigma"),
+        TimestepConfig(mode="sigma", logit_mean=1.0, logit_std=1.2),
         TimestepConfig(mode="sigma", weighting_scheme="mode", mode_scale=1.29),
         TimestepConfig(mode="sigma", weighting_scheme="uniform"),
     ]
 
 
 def _cfg_id(cfg: TimestepConfig) -> str:
-    return f"{cfg.mode}-{cfg.weighting_scheme if cfg.mode == 'sigma' else cfg.shift}"
+    return f"{cfg.mode}-{cfg.weighting_scheme if cfg.mode == 'sigma' else cfg.shift}-{cfg.logit_mean}"
 
 
 # ---- interpolation --------------------------------------------------------------------------------------------
