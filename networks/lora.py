@@ -11,7 +11,8 @@ Maths (per target Linear ``W: in -> out``, rank r, alpha a, multiplier m)::
 Injection wraps the *module's forward* (``base.forward`` is replaced by ``LoRAModule.forward``, which calls the
 original bound forward first), so whatever the base layer does -- a plain Linear, an fp8 Linear that dequantises
 its weight, a layer with hooks -- still runs unchanged.  ``remove()`` restores the original forwards.  Apply LoRA
-*after* any pass that replaces Linear objects (fp8 conversion), since such a pass drops the wrapper.
+*after* any pass that replaces Linear objects (fp8 conversion), since such a pass drops the wrapper, and before
+``torch.compile`` (a compiled graph would not see the new forwards).
 
 fp8 merge protocol (duck-typed): a base module with ``dequantized_weight() -> float Tensor (out, in)`` and
 ``set_weight(weight: float Tensor)`` (re-quantises with fresh scales) is merged as dequantise -> add -> re-quantise,
@@ -85,8 +86,9 @@ class LoRAModule(nn.Module):
 
     Forward (installed as the base module's ``forward``): ``base(x) + m * scale * up(dropout(down(x)))``.  The branch
     runs in the input's dtype (fp32 parameters are cast; under autocast the matmuls follow autocast) and is added
-    in the base output's dtype.  Training-only regularisers: ``dropout`` on the rank activations, ``rank_dropout``
-    (a per-sample mask over the rank dimension, rescaled by 1/(1-p)), ``module_dropout`` (skip the whole branch).
+    in the base output's dtype.  Training-only regularisers (they follow this module's own train()/eval() flag, so
+    set it on the network): ``dropout`` on the rank activations, ``rank_dropout`` (a per-sample mask over the rank
+    dimension, rescaled by 1/(1-p)), ``module_dropout`` (skip the whole branch).
     """
 
     def __init__(
@@ -111,15 +113,27 @@ class LoRAModule(nn.Module):
         self.lora_up = nn.Linear(rank, out_features, bias=False, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
-        alpha = float(rank) if alpha is None or alpha == 0 else float(alpha)
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
+        self.set_alpha(alpha)
         self.multiplier = multiplier
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self._attached: tuple[nn.Module, object, bool] | None = None  # (base, original forward, was instance attr)
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        """alpha / rank, cached as a Python float (reading the buffer would sync the GPU on every forward)."""
+        return self._scale
+
+    @torch.no_grad()
+    def set_alpha(self, alpha: float | None) -> None:
+        """Set alpha (None or 0 means alpha = rank, as kohya)."""
+        alpha = float(self.rank) if alpha is None or alpha == 0 else float(alpha)
+        self.alpha.fill_(alpha)
+        self._scale = alpha / self.rank
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._scale = float(self.alpha) / self.rank  # keep the cache in step with nn.Module.load_state_dict
 
     # -- injection -------------------------------------------------------------------------------------------
 
@@ -323,7 +337,7 @@ class LoRANetwork(nn.Module):
                         raise ValueError(f"{name}.{suffix}: file shape {tuple(src.shape)} != {tuple(dst.shape)}")
                     dst.copy_(src)
             if f"{name}.alpha" in sd:
-                lora.alpha.fill_(float(sd[f"{name}.alpha"]))
+                lora.set_alpha(float(sd[f"{name}.alpha"]))
 
     @torch.no_grad()
     def merge_into(self, dit: nn.Module, multiplier: float | None = None) -> None:

@@ -408,3 +408,14 @@ def test_default_patterns_are_fullmatch_regexes():
     assert re.fullmatch(DEFAULT_INCLUDE_PATTERNS[0], "visual_transformer_blocks.12.cross_attention.to_key")
     assert not re.fullmatch(DEFAULT_INCLUDE_PATTERNS[0], "visual_transformer_blocks.12.cross_attention.key_norm")
     assert not re.fullmatch(DEFAULT_INCLUDE_PATTERNS[1], "out_layer.out_layer")
+
+
+def test_alpha_cache_follows_every_load_path(dit):
+    a, b = create_network(1.0, 8, 4.0, dit), create_network(1.0, 8, 2.0, dit)
+    b.load_state_dict(a.state_dict())  # nn.Module path (e.g. accelerate resume)
+    assert {lora.scale for lora in b.lora_modules} == {0.5}
+    assert {lora.scale for lora in create_network(1.0, 8, None, dit).lora_modules} == {1 / 8}  # musubi: alpha 1
+    c = LoRANetwork(dit, rank=8, alpha=None, default_include=DEFAULT_INCLUDE_PATTERNS)  # kohya: None -> rank
+    assert {lora.scale for lora in c.lora_modules} == {1.0}
+    c.load_lora_state_dict(a.lora_state_dict())
+    assert {lora.scale for lora in c.lora_modules} == {0.5}
