@@ -1,0 +1,410 @@
+"""Generate Kandinsky 5 videos (T2V, I2V first frame, first+last frame) from the command line.
+
+    python kandinsky5_generate_video.py --task k5-pro-t2v-5s-sd --dit DIT --vae VAE \\
+        --text_encoder_qwen QWEN --text_encoder_clip CLIP --prompt "A cat walks on the grass." --output cat.mp4
+
+Stages, in memory order (peak = the largest stage, not the sum): text encoders encode every prompt and are freed
+-> VAE encodes the conditioning images -> DiT (fp8 / block swap from the flags, LoRAs merged or applied) samples ->
+the DiT is offloaded if asked -> VAE decodes -> ``.mp4`` (h264) or ``.png`` with the settings in its metadata.
+
+Layouts: see ``kandinsky5/pipeline.py``.  Latent files (``--save_latents`` / ``--decode_latents``) are safetensors
+with one tensor ``latents`` (1, T, h, w, 16) float32 and the generation settings as string metadata.
+
+Every flag is documented by ``--help`` and in ``docs/inference.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from kandinsky5.cli import (
+    add_attention_args,
+    add_config_file_arg,
+    add_memory_args,
+    add_model_args,
+    attention_spec_from_args,
+    parse_args,
+    run_main,
+    task_from_args,
+)
+from kandinsky5.common import UserError, atomic_path, get_logger, parse_dtype, resolve_device
+from kandinsky5.configs import TaskConfig
+from kandinsky5.pipeline import GenerationRequest, GenerationResult, Kandinsky5Pipeline, request_from_line
+from kandinsky5.prompts import PromptLine, read_prompt_file
+from kandinsky5.video_io import check_writable, to_uint8_frames, write_image, write_video
+
+log = get_logger("kandinsky5_generate_video")
+
+LATENTS_KEY = "latents"
+LATENTS_FORMAT = "kandinsky5-latents-v1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Generate a video (or an image) with a Kandinsky 5 model.  Defaults come from --task.",
+        allow_abbrev=False,
+    )
+    add_model_args(parser)
+    add_attention_args(parser)
+    add_memory_args(parser)
+    add_config_file_arg(parser)
+    _add_generation_args(parser)
+    _add_conditioning_args(parser)
+    _add_output_args(parser)
+    _add_runtime_args(parser)
+    return parser
+
+
+def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("generation (unset values come from --task)")
+    g.add_argument("--prompt", default=None, help="text prompt (or use --prompt_file)")
+    g.add_argument(
+        "--prompt_file",
+        default=None,
+        help="text file, one generation per line with optional overrides --w --h --f --d --s --g --n --i --l "
+        "(see docs/inference.md); lines starting with # are skipped",
+    )
+    g.add_argument(
+        "--negative_prompt",
+        default=None,
+        help="negative prompt for classifier-free guidance (default: the official one, 'Static, 2D cartoon, ...')",
+    )
+    g.add_argument("--width", type=int, default=None, help="output width in pixels, multiple of 16 (task default)")
+    g.add_argument("--height", type=int, default=None, help="output height in pixels, multiple of 16 (task default)")
+    g.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="number of VIDEO frames, 4k+1 (1, 5, ..., 121 = 5 s at 24 fps); 1 writes an image (task default)",
+    )
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (task default, 50 for most)")
+    g.add_argument("--guidance", type=float, default=None, help="CFG weight; 1 disables the negative pass (task)")
+    g.add_argument(
+        "--scheduler_scale", type=float, default=None, help="time-grid shift s in t = s*u/(1+(s-1)*u) (task default)"
+    )
+    g.add_argument(
+        "--seed", type=int, default=42, help="noise seed (default 42); a prompt-file line may set its own with --d"
+    )
+
+
+def _add_conditioning_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("image conditioning")
+    g.add_argument(
+        "--i",
+        "--image",
+        dest="image",
+        default=None,
+        help="first-frame image (I2V).  The video size follows the image (area ~ task's, sides multiples of 16 or "
+        "128) unless --width and --height are given (then resized and center-cropped to them)",
+    )
+    g.add_argument(
+        "--image_last", default=None, help="last-frame image (first+last conditioning, needs --image; experimental)"
+    )
+
+
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("output")
+    g.add_argument(
+        "--output",
+        default=None,
+        help="output file: .mp4 (h264 video) or .png (one frame); with a prompt file, _000, _001, ... are added",
+    )
+    g.add_argument("--fps", type=float, default=None, help="frame rate of the written mp4 (task default, 24)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
+    g.add_argument(
+        "--save_latents", default=None, help="also save the sampled latents to this .safetensors file (decodable later)"
+    )
+    g.add_argument(
+        "--decode_latents",
+        default=None,
+        help="skip sampling: decode a --save_latents file with --vae and write --output (no DiT, no text encoders)",
+    )
+
+
+def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float16", "float32"),
+        help="weight/compute dtype of the DiT, text encoders and VAE (default bfloat16)",
+    )
+    g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
+    g.add_argument("--vae_tiling", action="store_true", help="decode in spatial tiles (less memory, tiny seams)")
+    g.add_argument("--qwen_4bit", action="store_true", help="load Qwen2.5-VL in 4-bit NF4 (needs bitsandbytes)")
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--lora_weight", nargs="+", default=[], help="LoRA file(s): ours, musubi, ComfyUI or PEFT keys")
+    g.add_argument(
+        "--lora_multiplier", nargs="+", type=float, default=[], help="one multiplier per --lora_weight (default 1.0)"
+    )
+    g.add_argument(
+        "--lora_mode",
+        choices=("merge", "runtime"),
+        default="merge",
+        help="merge: add the LoRA into the weights once (fast, fp8-aware); runtime: keep it as a side branch",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# requests and outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _prompt_lines(args: argparse.Namespace) -> list[PromptLine]:
+    if args.prompt and args.prompt_file:
+        raise UserError("give either --prompt or --prompt_file, not both")
+    if args.prompt_file:
+        return read_prompt_file(args.prompt_file)
+    if not args.prompt:
+        raise UserError("--prompt (or --prompt_file) is required")
+    return [PromptLine(prompt=args.prompt)]
+
+
+def _request(args: argparse.Namespace, task: TaskConfig, line: PromptLine) -> GenerationRequest:
+    """One request: task defaults < command-line flags < prompt-line overrides."""
+    frames = args.frames
+    if frames is None and args.output and Path(args.output).suffix.lower() == ".png":
+        frames = 1  # a .png output means one frame unless --frames says otherwise
+    return request_from_line(
+        task,
+        line,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        frames=frames,
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler_scale=args.scheduler_scale,
+        negative_prompt=args.negative_prompt,
+        image=args.image,
+        image_last=args.image_last,
+        fps=args.fps,
+        extra_metadata=_run_metadata(args, task),
+    )
+
+
+def _run_metadata(args: argparse.Namespace, task: TaskConfig) -> dict[str, str]:
+    meta = {"task": task.name, "dit": Path(args.dit).name if args.dit else "", "generator": "kandinsky5-tuner"}
+    if args.lora_weight:
+        mults = _lora_multipliers(args)
+        meta["loras"] = json.dumps({Path(p).name: m for p, m in zip(args.lora_weight, mults)})
+        meta["lora_mode"] = args.lora_mode
+    return meta
+
+
+def _indexed(path: Path, index: int, count: int, suffix: str) -> Path:
+    stem = f"{path.stem}_{index:03d}" if count > 1 else path.stem
+    return path.with_name(stem + suffix)
+
+
+def _media_path(output: str, index: int, count: int, frames: int) -> Path:
+    """Output file of generation ``index``: a single frame is a .png, a video an .mp4."""
+    path = Path(output)
+    suffix = path.suffix.lower()
+    if suffix == ".png" and frames > 1:
+        raise UserError(f"--output {output} is a .png but {frames} frames were asked; use .mp4 or --frames 1")
+    if suffix == ".mp4" and frames == 1:
+        log.info("one frame requested: writing a .png instead of %s", output)
+        suffix = ".png"
+    return _indexed(path, index, count, suffix)
+
+
+def _plan_outputs(args, requests: list[GenerationRequest]) -> tuple[list[Path | None], list[Path | None]]:
+    """(media paths, latent paths) per request, all checked for existence before any model is loaded."""
+    if not args.output and not args.save_latents:
+        raise UserError("--output is required (or --save_latents to keep only the latents)")
+    n = len(requests)
+    media = [_media_path(args.output, i, n, r.spec.frames) if args.output else None for i, r in enumerate(requests)]
+    latents = [_indexed(Path(args.save_latents), i, n, ".safetensors") if args.save_latents else None for i in range(n)]
+    for path in media:
+        if path is not None:
+            check_writable(path, args.overwrite)
+    for path in latents:
+        if path is not None and path.exists() and not args.overwrite:
+            raise UserError(f"--save_latents {path} already exists; pass --overwrite to replace it")
+    if len(set(media + latents) - {None}) != len([p for p in media + latents if p is not None]):
+        raise UserError("two generations would write the same file; use distinct --output and --save_latents")
+    return media, latents
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _lora_multipliers(args: argparse.Namespace) -> list[float]:
+    weights, mults = args.lora_weight, list(args.lora_multiplier)
+    if len(mults) > len(weights):
+        raise UserError(f"{len(mults)} --lora_multiplier values for {len(weights)} --lora_weight files")
+    if mults and len(mults) < len(weights):
+        log.warning("fewer --lora_multiplier values than --lora_weight files: the rest use 1.0")
+    return mults + [1.0] * (len(weights) - len(mults))
+
+
+def _check_lora_fits(path: str, sd: dict[str, torch.Tensor], dit: torch.nn.Module, task: TaskConfig) -> None:
+    """UserError naming the file and the first key that has no matching Linear (or shape) in the DiT."""
+    for key, tensor in sd.items():
+        if key.endswith(".alpha"):
+            continue
+        module_path, kind = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        try:
+            linear = dit.get_submodule(module_path)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, torch.nn.Linear):
+            reason = "no such Linear in the DiT"
+        elif (kind == "lora_down" and tensor.shape[1] != linear.in_features) or (
+            kind == "lora_up" and tensor.shape[0] != linear.out_features
+        ):
+            reason = f"shape {list(tensor.shape)} does not fit Linear {linear.in_features}->{linear.out_features}"
+        else:
+            continue
+        raise UserError(
+            f"LoRA {path} does not fit the DiT of task {task.name}: first unmatched key {key!r} ({reason}); "
+            "was it trained for another model or task?"
+        )
+
+
+def _apply_loras(dit: torch.nn.Module, args: argparse.Namespace, task: TaskConfig, device) -> list:
+    """Merge (or attach, in runtime mode) every --lora_weight; returns the runtime networks (keep them alive)."""
+    from networks.lora_kandinsky import create_network_from_weights, load_lora_state_dict
+
+    networks = []
+    for path, mult in zip(args.lora_weight, _lora_multipliers(args)):
+        if not Path(path).is_file():
+            raise UserError(f"--lora_weight {path} does not exist")
+        try:
+            sd, metadata = load_lora_state_dict(path)
+        except ValueError as exc:
+            raise UserError(f"LoRA {path} could not be read: {exc}") from None
+        _check_lora_fits(path, sd, dit, task)
+        network = create_network_from_weights(mult, sd, dit, for_inference=True, metadata=metadata)
+        if args.lora_mode == "merge":
+            network.merge_into(dit)
+        else:
+            network.to(device)
+            network.apply_to(dit)
+            networks.append(network)
+        log.info("LoRA %s (%s, multiplier %s): %s", path, args.lora_mode, mult, network.summary())
+    return networks
+
+
+def _load_dit(args: argparse.Namespace, task: TaskConfig, device: torch.device, dtype: torch.dtype):
+    from kandinsky5.memory import build_dit, memory_config_from_args
+
+    if not args.dit:
+        raise UserError("--dit is required (the task fixes the architecture, not the weights)")
+    attention = attention_spec_from_args(args, task)
+    return build_dit(task, args.dit, device, dtype, attention, memory_config_from_args(args), training=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _write_media(path: Path, frames, fps: float, metadata: dict[str, str], overwrite: bool) -> Path:
+    if path.suffix.lower() == ".png":
+        return write_image(path, frames[0], metadata, overwrite=overwrite)
+    return write_video(path, frames, fps, metadata, overwrite=overwrite)
+
+
+def _save_latents(path: Path, result: GenerationResult, overwrite: bool) -> None:
+    from safetensors.torch import save_file
+
+    if path.exists() and not overwrite:
+        raise UserError(f"--save_latents {path} already exists; pass --overwrite to replace it")
+    meta = {**result.metadata, "format": LATENTS_FORMAT}
+    with atomic_path(path) as tmp:
+        save_file({LATENTS_KEY: result.latents.float().contiguous()}, str(tmp), metadata=meta)
+    print(f"saved latents {tuple(result.latents.shape)} to {path}")
+
+
+def _decode_only(args: argparse.Namespace) -> int:
+    """--decode_latents: VAE decode of a saved latents file, written to --output with the file's settings."""
+    from safetensors import SafetensorError, safe_open
+
+    if not args.output:
+        raise UserError("--decode_latents needs --output")
+    try:
+        with safe_open(args.decode_latents, framework="pt") as f:
+            latents, meta = f.get_tensor(LATENTS_KEY), dict(f.metadata() or {})
+    except (OSError, SafetensorError, KeyError) as exc:
+        raise UserError(f"--decode_latents {args.decode_latents}: not a latents file ({exc})") from None
+    frames_count = 4 * (latents.shape[1] - 1) + 1
+    path = _media_path(args.output, 0, 1, frames_count)
+    check_writable(path, args.overwrite)
+    device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
+    from kandinsky5.vae import VideoVAE
+
+    if not args.vae:
+        raise UserError("--decode_latents needs --vae")
+    vae = VideoVAE.load(args.vae, device, dtype, tiling=args.vae_tiling)
+    frames = to_uint8_frames(vae.decode(latents))[0]
+    fps = args.fps or float(meta.get("fps", 24))
+    meta.pop("format", None)
+    written = _write_media(path, frames, fps, {**meta, "decoded_from": str(args.decode_latents)}, args.overwrite)
+    print(f"wrote {written}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
+    if args.decode_latents:
+        return _decode_only(args)
+    task = task_from_args(args)
+    device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
+    requests = [_request(args, task, line) for line in _prompt_lines(args)]
+    media_paths, latent_paths = _plan_outputs(args, requests)
+    attention_spec_from_args(args, task)  # fail on a bad attention/NABLA flag before loading anything
+    _lora_multipliers(args)
+    pipe = Kandinsky5Pipeline(
+        task,
+        text_encoder_qwen=args.text_encoder_qwen,
+        text_encoder_clip=args.text_encoder_clip,
+        vae_path=args.vae,
+        device=device,
+        dtype=dtype,
+        qwen_4bit=args.qwen_4bit,
+        vae_tiling=args.vae_tiling,
+    )
+    pipe.encode_prompts(requests)
+    pipe.release_text_encoder()
+    prepared = [pipe.prepare(r) for r in requests]
+    dit = _load_dit(args, task, device, dtype)
+    runtime_loras = _apply_loras(dit, args, task, device)
+    offload = args.offload_dit_during_sampling
+    results = pipe.generate_iter(dit, prepared, decode=args.output is not None, offload_dit=offload, restore=False)
+    for index, result in enumerate(results):
+        _finish(args, result, media_paths[index], latent_paths[index])
+    del runtime_loras
+    return 0
+
+
+def _finish(args: argparse.Namespace, result: GenerationResult, media: Path | None, latents: Path | None) -> None:
+    if latents is not None:
+        _save_latents(latents, result, args.overwrite)
+    if media is not None:
+        spec = result.request.spec
+        written = _write_media(media, result.frames, result.request.fps, result.metadata, args.overwrite)
+        print(f"wrote {written} ({spec.frames} frames, {spec.width}x{spec.height}, seed {spec.seed})")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
