@@ -243,6 +243,21 @@ def _plan_outputs(args, requests: list[GenerationRequest]) -> tuple[list[Path | 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
+    """Everything about the DiT side that can be checked before any model is loaded -> (attention, memory)."""
+    from kandinsky5.loading import checkpoint_files
+    from kandinsky5.memory import memory_config_from_args
+
+    if not args.dit:
+        raise UserError("--dit is required (the task fixes the architecture, not the weights)")
+    checkpoint_files(args.dit)
+    _lora_multipliers(args)
+    for path in args.lora_weight:
+        if not Path(path).is_file():
+            raise UserError(f"--lora_weight {path} does not exist")
+    return attention_spec_from_args(args, task), memory_config_from_args(args)
+
+
 def _lora_multipliers(args: argparse.Namespace) -> list[float]:
     weights, mults = args.lora_weight, list(args.lora_multiplier)
     if len(mults) > len(weights):
@@ -282,8 +297,6 @@ def _apply_loras(dit: torch.nn.Module, args: argparse.Namespace, task: TaskConfi
 
     networks = []
     for path, mult in zip(args.lora_weight, _lora_multipliers(args)):
-        if not Path(path).is_file():
-            raise UserError(f"--lora_weight {path} does not exist")
         try:
             sd, metadata = load_lora_state_dict(path)
         except ValueError as exc:
@@ -300,13 +313,10 @@ def _apply_loras(dit: torch.nn.Module, args: argparse.Namespace, task: TaskConfi
     return networks
 
 
-def _load_dit(args: argparse.Namespace, task: TaskConfig, device: torch.device, dtype: torch.dtype):
-    from kandinsky5.memory import build_dit, memory_config_from_args
+def _load_dit(args: argparse.Namespace, task: TaskConfig, device, dtype, attention, memory):
+    from kandinsky5.memory import build_dit
 
-    if not args.dit:
-        raise UserError("--dit is required (the task fixes the architecture, not the weights)")
-    attention = attention_spec_from_args(args, task)
-    return build_dit(task, args.dit, device, dtype, attention, memory_config_from_args(args), training=False)
+    return build_dit(task, args.dit, device, dtype, attention, memory, training=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,8 +345,8 @@ def _decode_only(args: argparse.Namespace) -> int:
     """--decode_latents: VAE decode of a saved latents file, written to --output with the file's settings."""
     from safetensors import SafetensorError, safe_open
 
-    if not args.output:
-        raise UserError("--decode_latents needs --output")
+    if not args.output or not args.vae:
+        raise UserError("--decode_latents needs --vae and --output")
     try:
         with safe_open(args.decode_latents, framework="pt") as f:
             latents, meta = f.get_tensor(LATENTS_KEY), dict(f.metadata() or {})
@@ -348,8 +358,6 @@ def _decode_only(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
     from kandinsky5.vae import VideoVAE
 
-    if not args.vae:
-        raise UserError("--decode_latents needs --vae")
     vae = VideoVAE.load(args.vae, device, dtype, tiling=args.vae_tiling)
     frames = to_uint8_frames(vae.decode(latents))[0]
     fps = args.fps or float(meta.get("fps", 24))
@@ -372,8 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
     requests = [_request(args, task, line) for line in _prompt_lines(args)]
     media_paths, latent_paths = _plan_outputs(args, requests)
-    attention_spec_from_args(args, task)  # fail on a bad attention/NABLA flag before loading anything
-    _lora_multipliers(args)
+    attention, memory = _check_model_inputs(args, task)
+    if not args.vae and (args.output or any(r.image is not None for r in requests)):
+        raise UserError("--vae is required (it decodes the video and encodes conditioning images)")
+    if not (args.text_encoder_qwen and args.text_encoder_clip):
+        raise UserError("--text_encoder_qwen and --text_encoder_clip are required to encode the prompts")
     pipe = Kandinsky5Pipeline(
         task,
         text_encoder_qwen=args.text_encoder_qwen,
@@ -387,13 +398,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe.encode_prompts(requests)
     pipe.release_text_encoder()
     prepared = [pipe.prepare(r) for r in requests]
-    dit = _load_dit(args, task, device, dtype)
-    runtime_loras = _apply_loras(dit, args, task, device)
+    dit = _load_dit(args, task, device, dtype, attention, memory)
+    runtime_loras = _apply_loras(dit, args, task, device)  # noqa: F841 -- keeps the runtime LoRA branches alive
     offload = args.offload_dit_during_sampling
     results = pipe.generate_iter(dit, prepared, decode=args.output is not None, offload_dit=offload, restore=False)
     for index, result in enumerate(results):
         _finish(args, result, media_paths[index], latent_paths[index])
-    del runtime_loras
     return 0
 
 

@@ -382,6 +382,9 @@ def check_request(task: TaskConfig, request: GenerationRequest) -> None:
         raise UserError("--image_last needs --image too (first+last frame conditioning)")
     if request.image_last is not None and request.spec.frames < 5:
         raise UserError("--image_last needs at least 5 video frames")
+    for what, path in (("--image", request.image), ("--image_last", request.image_last)):
+        if path is not None and not Path(path).is_file():
+            raise UserError(f"{what} {path} does not exist")
 
 
 class Kandinsky5Pipeline:
