@@ -1,0 +1,230 @@
+"""Cache the text-encoder outputs (Qwen2.5-VL token states + CLIP pooled vector) of every caption, for training.
+
+    python kandinsky5_cache_text_encoder_outputs.py --dataset_config dataset.toml \\
+        --text_encoder_qwen Qwen/Qwen2.5-VL-7B-Instruct --text_encoder_clip openai/clip-vit-large-patch14 \\
+        --batch_size 4
+
+One ``<item_key>_k5_te.safetensors`` per item (shared by all clips of a video), written atomically by
+``dataset.cache``: ``text_embeds`` (L, D) -- the L <= max_length real Qwen tokens after the template prefix, no
+padding -- and ``pooled_embed`` (Dc,), both in the encoder dtype.
+
+Prompt template and max length come from ``--task`` (default ``k5-pro-t2v-5s-sd``, so the command above works
+without it): the *video* template and 256 tokens for every video task, applied to image and video datasets alike,
+because that is how the model is conditioned at inference (musubi used the image template and 512 tokens here:
+its defects #2 and #3).  The metadata records template, max length, task family, encoder identity and caption, so
+the trainer refuses a cache made otherwise (``dataset/caching.py`` documents the ``expect`` contract).
+
+Captions are encoded in batches of ``--batch_size`` (sorted by length, so little padding is computed); a batch
+gives the same rows as one caption at a time (right padding, causal Qwen, per-prompt CLIP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dataset.cache import text_cache_path, write_text_cache
+from dataset.caching import Throughput, needs_build, progress_bar, remove_stale, text_expect
+from dataset.config import DatasetSpec, load_dataset_config
+from dataset.sources import Item, iter_items
+from kandinsky5.cli import add_config_file_arg, add_model_args, parse_args, run_main, task_from_args
+from kandinsky5.common import UserError, get_logger, parse_dtype, resolve_device
+from kandinsky5.configs import TaskConfig
+from kandinsky5.text_encoders import TextEncoder
+
+log = get_logger("kandinsky5_cache_text_encoder_outputs")
+
+DEFAULT_TASK = "k5-pro-t2v-5s-sd"
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Encode every caption of a dataset config with Qwen2.5-VL + CLIP into text caches for "
+        "kandinsky5_train_network.py.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--dataset_config", default=None, help="dataset TOML/JSON (docs/dataset_config.md); required")
+    add_model_args(parser, dit=False, vae=False, text=True)
+    for action in parser._actions:  # the shared --task flag: give it this script's default and say what it sets
+        if action.dest == "task":
+            action.default = DEFAULT_TASK
+            action.help = (
+                f"task whose prompt template and text length are used (default: {DEFAULT_TASK}; every video task "
+                f"uses the video template and 256 tokens, for image and video datasets alike). {action.help}"
+            )
+        elif action.dest in ("text_encoder_qwen", "text_encoder_clip"):
+            action.help += "; required"
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="captions per encoder call (default: each dataset's batch_size); lower it if you run out of VRAM",
+    )
+    parser.add_argument(
+        "--qwen_4bit",
+        "--quantized_qwen",
+        dest="qwen_4bit",
+        action="store_true",
+        help="load Qwen2.5-VL in 4-bit NF4 (bitsandbytes, CUDA) to save VRAM; slightly different embeddings, "
+        "recorded in the metadata",
+    )
+    parser.add_argument("--device", default=None, help="encode device, e.g. cuda, cuda:1, cpu (default: cuda if any)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="encoder dtype, also the dtype the embeddings are stored in "
+        "(default: bfloat16 on CUDA as the official code, float32 on CPU)",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--skip_existing",
+        action="store_true",
+        help="keep text caches that are complete and match the current settings (template, max length, encoders, "
+        "dtype, caption); rebuild only missing, damaged, mismatched or edited ones. Use it to resume",
+    )
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="re-encode every caption (the default, as in musubi); wins over skip_existing from --config_file",
+    )
+    parser.add_argument(
+        "--keep_cache",
+        action="store_true",
+        help="do not delete text caches of items no longer in the dataset (default: delete those made by this "
+        "tool; foreign files are never deleted)",
+    )
+    add_config_file_arg(parser)
+    return parser
+
+
+@dataclass(frozen=True)
+class Settings:
+    dataset_config: Path
+    qwen: str
+    clip: str
+    task: TaskConfig
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int | None
+    qwen_4bit: bool
+    skip_existing: bool
+    keep_cache: bool
+
+    def describe(self) -> str:
+        return (
+            f"text caching: device {self.device}, dtype {_name(self.dtype)}, template {self.task.text_template!r}, "
+            f"max length {self.task.text_max_length} tokens (task {self.task.name}), Qwen "
+            f"{'4-bit NF4' if self.qwen_4bit else 'not quantized'}, batch size {self.batch_size or 'per dataset'}, "
+            f"existing caches {'kept when valid' if self.skip_existing else 'rebuilt'}, stale caches "
+            f"{'kept' if self.keep_cache else 'removed'}"
+        )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    for flag in ("dataset_config", "text_encoder_qwen", "text_encoder_clip"):
+        if not getattr(args, flag):
+            raise UserError(f"--{flag} is required")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    task = task_from_args(args)
+    device = resolve_device(args.device)
+    if args.qwen_4bit and device.type != "cuda":
+        raise UserError("--qwen_4bit needs a CUDA device (bitsandbytes 4-bit); drop it or use --device cuda")
+    if args.skip_existing and args.overwrite:
+        log.info("--overwrite given: ignoring skip_existing from --config_file")
+    return Settings(
+        dataset_config=Path(args.dataset_config),
+        qwen=str(args.text_encoder_qwen),
+        clip=str(args.text_encoder_clip),
+        task=task,
+        device=device,
+        dtype=parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32")),
+        batch_size=args.batch_size,
+        qwen_4bit=args.qwen_4bit,
+        skip_existing=args.skip_existing and not args.overwrite,
+        keep_cache=args.keep_cache,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# encoding
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    item: Item
+    path: Path
+
+
+def plan(spec: DatasetSpec, items: list[Item], base_expect: dict, skip_existing: bool) -> list[Job]:
+    """Items whose text cache must be (re)built, sorted by caption length (similar lengths share a batch)."""
+    jobs = []
+    for item in items:
+        path = text_cache_path(spec.cache_directory, item.key)
+        if needs_build(path, {**base_expect, "item_key": item.key, "caption": item.caption}, skip_existing):
+            jobs.append(Job(item, path))
+    return sorted(jobs, key=lambda job: len(job.item.caption))
+
+
+def encode_batch(encoder: TextEncoder, batch: list[Job], s: Settings, base_meta: dict) -> None:
+    """Encode a batch of captions and write one cache file per item (padding removed)."""
+    try:
+        out = encoder.encode([job.item.caption for job in batch], s.task.text_template, s.task.text_max_length)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"out of GPU memory encoding {len(batch)} caption(s); lower --batch_size or add --qwen_4bit, then re-run "
+            "with --skip_existing to keep what is already cached"
+        ) from None
+    for i, job in enumerate(batch):
+        embeds, pooled = out.unpadded(i)
+        meta = {**base_meta, "item_key": job.item.key, "caption": job.item.caption}
+        write_text_cache(job.path, embeds.to(s.dtype), pooled.to(s.dtype), meta)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    s = settings_from_args(parse_args(build_parser(), argv))
+    config = load_dataset_config(s.dataset_config)
+    datasets = [(spec, iter_items(spec)) for spec in config.datasets]  # config / caption errors before loading
+    encoder = TextEncoder.load(s.qwen, s.clip, s.device, s.dtype, qwen_4bit=s.qwen_4bit)
+    log.info("%s; encoders %s", s.describe(), encoder.identity)
+    base = {**text_expect(s.task, encoder.identity), "dtype": _name(s.dtype), "qwen_4bit": s.qwen_4bit}
+    base_meta = {k: v for k, v in base.items() if k not in ("stage", "format_version")} | {"task": s.task.name}
+    stats = Throughput("caption")
+    work = [(spec, plan(spec, items, base, s.skip_existing)) for spec, items in datasets]
+    stats.skipped = sum(len(items) for _, items in datasets) - sum(len(jobs) for _, jobs in work)
+    log.info("%d caption(s) to encode, %d up to date", sum(len(jobs) for _, jobs in work), stats.skipped)
+    stats.restart()
+    with progress_bar(sum(len(jobs) for _, jobs in work), "encoding captions", "caption") as bar:
+        for spec, jobs in work:
+            size = s.batch_size or spec.batch_size
+            for start in range(0, len(jobs), size):
+                batch = jobs[start : start + size]
+                encode_batch(encoder, batch, s, base_meta)
+                stats.done += len(batch)
+                bar.update(len(batch))
+    for spec, items in datasets:
+        wanted = {text_cache_path(spec.cache_directory, item.key) for item in items}
+        remove_stale(spec.cache_directory, "text", wanted, set(), s.keep_cache)
+    log.info("text caching done: %s", stats.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
