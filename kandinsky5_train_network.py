@@ -1,0 +1,459 @@
+"""Train a LoRA for a Kandinsky 5 video DiT on pre-cached latents and text embeddings (flow matching).
+
+    accelerate launch --mixed_precision bf16 kandinsky5_train_network.py --task k5-pro-t2v-5s-sd --dit DIT \\
+        --dataset_config dataset.toml --network_module networks.lora_kandinsky --output_dir out --output_name lora ...
+
+Flow: command line (+ ``--config_file`` TOML) -> one frozen ``TrainConfig`` -> cached items checked -> DiT built
+(fp8 / block swap / checkpointing via ``kandinsky5.memory``) -> LoRA injected -> flat loop: batch -> loss ->
+backward -> (all-reduce) -> clip -> optimizer and LR step -> save / sample.  See ``docs/training.md``.
+
+Tensor layouts (``kandinsky5.training``): latents ``(B, T, h, w, 16)`` channels-last, DiT input ``(B, T, h, w, 33)``,
+text ``(B, L, D)`` + ``(B, L)`` mask, pooled ``(B, Dc)``, flow time ``t`` ``(B,)`` in [0, 1].
+
+Multi-GPU: ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun``); data is sharded per batch, LoRA
+gradients are all-reduced, only rank 0 saves, samples and logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from kandinsky5 import flow, training
+from kandinsky5.cli import (
+    add_attention_args,
+    add_config_file_arg,
+    add_memory_args,
+    add_model_args,
+    attention_spec_from_args,
+    parse_args,
+    run_main,
+    task_from_args,
+)
+from kandinsky5.common import UserError, get_logger, seed_everything
+from kandinsky5.optim import (
+    OptimizerConfig,
+    SchedulerConfig,
+    build_optimizer,
+    build_scheduler,
+    optimizer_name,
+    parse_kv_args,
+)
+from kandinsky5.training import I2V_MODES, SAVE_FORMATS, NetworkConfig, Run, SampleConfig, SaveConfig, TrainConfig
+
+log = get_logger("kandinsky5.train")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kandinsky5_train_network.py",
+        description="LoRA training for Kandinsky 5 video DiTs on cached latents/text (see docs/training.md).",
+    )
+    add_config_file_arg(p)
+    add_model_args(p)
+    add_attention_args(p)
+    add_memory_args(p, training=True)
+    _add_run_args(p)
+    _add_optimizer_args(p)
+    _add_network_args(p)
+    _add_timestep_args(p)
+    _add_save_args(p)
+    return p
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and run")
+    g.add_argument("--dataset_config", help="dataset TOML whose caches were built by the two caching scripts")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=2, help="DataLoader workers (capped at CPUs)")
+    g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive across epochs")
+    g.add_argument("--mixed_precision", choices=("no", "bf16"), default=None,
+                   help="bf16: DiT weights bf16 + autocast (default, or accelerate's setting); no: everything fp32")
+    g.add_argument("--seed", type=int, default=None, help="seed of LoRA init, noise, timesteps, data order (random)")
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default 1600 without epochs)")
+    g.add_argument("--max_train_epochs", type=int, default=None, help="epochs; with --max_train_steps the smaller")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--scheduler_scale", type=float, default=None,
+                   help="sampling time-shift of the task (used by --sample_prompts, stored in the LoRA metadata)")
+    g.add_argument("--i2v_mode", choices=I2V_MODES, default=None,
+                   help="I2V tasks: condition on the first frame (default) or on the first and last frames")
+    g.add_argument("--logging_dir", default=None, help="TensorBoard logs go to <logging_dir>/<output_name>_<time>")
+    g.add_argument("--log_with", choices=("tensorboard",), default=None, help="tracker (needs --logging_dir)")
+    s = p.add_argument_group("sampling during training (rank 0; see docs/sampling_during_training.md)")
+    s.add_argument("--sample_prompts", default=None, help="prompt file, one prompt per line with --w --h --f ...")
+    s.add_argument("--sample_every_n_steps", type=int, default=None, help="sample every N optimizer steps")
+    s.add_argument("--sample_every_n_epochs", type=int, default=None, help="sample at the end of every N epochs")
+    s.add_argument("--sample_at_first", action="store_true", help="sample before the first step")
+
+
+def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="learning rate of the LoRA weights")
+    g.add_argument("--optimizer_type", default="AdamW",
+                   help="AdamW, AdamW8bit, Adafactor, a torch.optim name or package.Class (case-insensitive)")
+    g.add_argument("--optimizer_args", nargs="*", default=None,
+                   help='key=value constructor args, values as Python literals: "betas=(0.9,0.95)"')
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the LoRA gradient norm (0 = no clip)")
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="transformers schedule: constant, constant_with_warmup, linear, cosine, ... or adafactor")
+    g.add_argument("--lr_warmup_steps", type=float, default=0, help="warmup steps (or a fraction < 1 of the total)")
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
+    g.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power of the polynomial schedule")
+
+
+def _add_network_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA network")
+    g.add_argument("--network_module", default="networks.lora_kandinsky", help="module providing create_network")
+    g.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
+    g.add_argument("--network_alpha", type=float, default=None, help="LoRA alpha, scale = alpha / rank (default 1)")
+    g.add_argument("--network_dropout", type=float, default=None, help="dropout on the rank activations")
+    g.add_argument("--network_args", nargs="*", default=None,
+                   help="key=value: include_patterns=[...], exclude_patterns=[...], rank_dropout=, module_dropout=")
+    g.add_argument("--network_weights", default=None, help="start from this LoRA file (any supported format)")
+
+
+def _add_timestep_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training timesteps (t = 1 noise; see docs/timestep_sampling.md)")
+    g.add_argument("--timestep_sampling", choices=flow.TIMESTEP_MODES, default="shift", help="t distribution")
+    g.add_argument("--discrete_flow_shift", type=float, default=5.0, help="shift s of mode 'shift'")
+    g.add_argument("--weighting_scheme", choices=(*flow.WEIGHTING_SCHEMES, "none"), default="none",
+                   help="density of mode 'sigma' (none = uniform, as musubi)")  # fmt: skip
+    g.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of the normal draw (sigmoid, shift)")
+    g.add_argument("--logit_mean", type=float, default=0.0, help="mean of logsnr / sigma(logit_normal)")
+    g.add_argument("--logit_std", type=float, default=1.0, help="std of logsnr / sigma(logit_normal)")
+    g.add_argument("--min_timestep", type=float, default=0.0, help="lower bound of 1000*t (all modes)")
+    g.add_argument("--max_timestep", type=float, default=1000.0, help="upper bound of 1000*t (all modes)")
+
+
+def _add_save_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("saving and resuming")
+    g.add_argument("--output_dir", help="where LoRA files, states and samples go")
+    g.add_argument("--output_name", help="file stem: <name>.safetensors, <name>-step00000100.safetensors, ...")
+    g.add_argument("--save_format", choices=SAVE_FORMATS, default="comfyui", help="LoRA key format of saved files")
+    g.add_argument("--save_every_n_epochs", type=int, default=None, help="save a LoRA every N epochs")
+    g.add_argument("--save_every_n_steps", type=int, default=None, help="save a LoRA every N optimizer steps")
+    g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the newest N epoch saves")
+    g.add_argument("--save_last_n_steps", type=int, default=None, help="keep only the newest N step saves")
+    g.add_argument("--save_state", action="store_true", help="also save resumable state dirs (<file stem>-state)")
+    g.add_argument("--resume", default=None, help="state directory to continue from (written by --save_state)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# args -> TrainConfig (the only place that reads args)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if not vars(args)[name]:
+            raise UserError(f"--{name} is required")
+
+
+def _mixed_precision(flag: str | None) -> str:
+    value = flag or os.environ.get("ACCELERATE_MIXED_PRECISION") or "bf16"
+    if value not in ("no", "bf16"):
+        raise UserError(f"mixed precision {value!r} is not supported for Kandinsky 5; use bf16 or no")
+    return value
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from kandinsky5.memory import memory_config_from_args
+
+    _require(args, "task", "dit", "dataset_config", "output_dir", "output_name")
+    task = task_from_args(args)
+    if args.scheduler_scale is not None:
+        task = replace(task, scheduler_scale=args.scheduler_scale)
+    if args.sage_attn:
+        raise UserError("--sage_attn has no backward pass; train with --sdpa, --flash_attn, --flash3 or --xformers")
+    if args.i2v_mode and not task.is_i2v:
+        raise UserError(f"--i2v_mode applies to I2V tasks; {task.name} is text-to-video")
+    if args.log_with and not args.logging_dir:
+        raise UserError("--log_with tensorboard needs --logging_dir")
+    if args.sample_prompts and not (args.text_encoder_qwen and args.text_encoder_clip and args.vae):
+        raise UserError("--sample_prompts needs --text_encoder_qwen, --text_encoder_clip and --vae")
+    try:
+        timesteps = flow.TimestepConfig(
+            mode=args.timestep_sampling, shift=args.discrete_flow_shift, sigmoid_scale=args.sigmoid_scale,
+            logit_mean=args.logit_mean, logit_std=args.logit_std,
+            weighting_scheme="uniform" if args.weighting_scheme == "none" else args.weighting_scheme,
+            min_timestep=args.min_timestep, max_timestep=args.max_timestep,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise UserError(f"timestep settings: {exc}") from None
+    for name in ("gradient_accumulation_steps",):
+        if vars(args)[name] < 1:
+            raise UserError(f"--{name} must be >= 1")
+    return TrainConfig(
+        task=task,
+        dit_path=Path(args.dit),
+        dataset_config=Path(args.dataset_config),
+        attention=attention_spec_from_args(args, task),
+        memory=memory_config_from_args(args),
+        mixed_precision=_mixed_precision(args.mixed_precision),
+        seed=args.seed,
+        max_train_steps=args.max_train_steps,
+        max_train_epochs=args.max_train_epochs,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        i2v_mode=args.i2v_mode or "first",
+        timesteps=timesteps,
+        optimizer=OptimizerConfig(
+            args.optimizer_type, args.learning_rate, parse_kv_args(args.optimizer_args, "--optimizer_args")
+        ),
+        scheduler=SchedulerConfig(
+            args.lr_scheduler, args.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power
+        ),
+        network=NetworkConfig(
+            module=args.network_module, dim=args.network_dim or 4,
+            alpha=1.0 if args.network_alpha is None else args.network_alpha, dropout=args.network_dropout,
+            args=parse_kv_args(args.network_args, "--network_args"),
+            weights=Path(args.network_weights) if args.network_weights else None,
+        ),  # fmt: skip
+        save=SaveConfig(
+            output_dir=Path(args.output_dir), output_name=args.output_name,
+            every_n_epochs=args.save_every_n_epochs, every_n_steps=args.save_every_n_steps,
+            last_n_epochs=args.save_last_n_epochs, last_n_steps=args.save_last_n_steps,
+            save_state=args.save_state, format=args.save_format,
+        ),  # fmt: skip
+        sample=SampleConfig(
+            prompts=Path(args.sample_prompts) if args.sample_prompts else None,
+            every_n_steps=args.sample_every_n_steps, every_n_epochs=args.sample_every_n_epochs,
+            at_first=args.sample_at_first,
+            text_encoder_qwen=args.text_encoder_qwen, text_encoder_clip=args.text_encoder_clip, vae=args.vae,
+        ),  # fmt: skip
+        num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+        persistent_workers=args.persistent_data_loader_workers,
+        resume=Path(args.resume) if args.resume else None,
+        logging_dir=Path(args.logging_dir) if args.logging_dir else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# setup
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
+    n = cfg.network
+    try:
+        module = importlib.import_module(n.module)
+    except ImportError as exc:
+        raise UserError(f"--network_module {n.module}: cannot import it ({exc})") from None
+    try:
+        network = module.create_network(1.0, n.dim, n.alpha, dit, dict(n.args), neuron_dropout=n.dropout)
+    except ValueError as exc:
+        raise UserError(f"--network_args: {exc}") from None
+    if n.weights is not None:
+        sd, _ = module.load_lora_state_dict(n.weights)
+        network.load_lora_state_dict(sd, strict=True)
+        log.info("LoRA initialised from %s", n.weights)
+    network.apply_to(dit)
+    network.train()
+    log.info("%s", network.summary())
+    return network, module
+
+
+def _log_setup(cfg: TrainConfig, ctx, items: list, total: int, per_epoch: int) -> None:
+    log.info(
+        "task %s | attention %s%s | DiT weights %s, autocast %s, LoRA fp32 | %s | %d process(es) on %s",
+        cfg.task.name, cfg.attention.backend, " + NABLA" if cfg.attention.nabla else "",
+        str(cfg.weight_dtype).removeprefix("torch."), cfg.mixed_precision, cfg.memory.describe(), ctx.world_size,
+        ctx.device.type,
+    )  # fmt: skip
+    log.info(
+        "%d cached samples in %d shape buckets; %d optimizer steps (%d per epoch, %d epochs), accumulation %d, "
+        "optimizer %s, schedule %s", len(items), len({i.shape for i in items}), total, per_epoch,
+        math.ceil(total / per_epoch), cfg.gradient_accumulation_steps, optimizer_name(cfg.optimizer),
+        cfg.scheduler.name,
+    )  # fmt: skip
+
+
+def setup(cfg: TrainConfig, ctx: training.DistContext):
+    """Check the caches, build DiT + LoRA + optimizer + schedule and the data loader."""
+    from torch.utils.data import DataLoader
+
+    from dataset.config import load_dataset_config
+    from dataset.latent_dataset import BucketBatchSampler, LatentDataset, collate, discover_items
+    from kandinsky5.loading import file_fingerprint
+    from kandinsky5.memory import build_dit
+
+    seed = training.broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
+    items = discover_items(load_dataset_config(cfg.dataset_config), cfg.task)
+    sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)
+    per_epoch = math.ceil(sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
+    total = cfg.total_steps(per_epoch)
+    _log_setup(cfg, ctx, items, total, per_epoch)
+    dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True)
+    dit.requires_grad_(False)
+    seed_everything(seed)  # the same LoRA init on every rank (broadcast below as well)
+    network, module = _build_network(cfg, dit)
+    network.to(ctx.device)
+    training.broadcast_params_(ctx, network.parameters())
+    optimizer = build_optimizer([p for p in network.parameters() if p.requires_grad], cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, total)
+    seed_everything(seed + ctx.rank)  # dropout masks differ per rank
+    generator = torch.Generator(ctx.device).manual_seed(seed * 1009 + ctx.rank)
+    run = Run(cfg, ctx, dit, network, module, optimizer, scheduler, generator, seed, total, len(items),
+              file_fingerprint(cfg.dit_path))  # fmt: skip
+    loader = DataLoader(
+        LatentDataset(items, with_image=cfg.task.is_i2v),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
+        pin_memory=ctx.device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),  # its worker seed draw must not touch the global RNG
+    )
+    return run, loader, sampler
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# saving and sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sample(run: Run) -> None:
+    """Rank 0 writes the sample videos; the other ranks wait."""
+    if run.cfg.sample.enabled and run.ctx.is_main:
+        if run.sampler is None:
+            run.sampler = training.TrainingSampler(run.cfg, run.ctx.device)
+        run.sampler(run.dit, run.network, run.progress.step, run.generator)
+    run.ctx.barrier()
+
+
+def after_step(run: Run) -> None:
+    save, smp, step = run.cfg.save, run.cfg.sample, run.progress.step
+    if save.every_n_steps and step % save.every_n_steps == 0 and step < run.total_steps:
+        training.save_and_rotate(run, "step", step)
+    if smp.every_n_steps and step % smp.every_n_steps == 0:
+        sample(run)
+
+
+def after_epoch(run: Run, epoch: int) -> None:
+    """``epoch`` counts finished epochs (1-based); the last one is covered by the final save."""
+    save, smp = run.cfg.save, run.cfg.sample
+    if save.every_n_epochs and epoch % save.every_n_epochs == 0 and run.progress.step < run.total_steps:
+        training.save_and_rotate(run, "epoch", epoch)
+    if smp.every_n_epochs and epoch % smp.every_n_epochs == 0:
+        sample(run)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def micro_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward + backward of one micro-batch: draw t and noise, flow-matching loss; returns the loss."""
+    cfg, device = run.cfg, run.ctx.device
+    b = training.batch_to_device(batch, device)
+    t = flow.sample_timesteps(cfg.timesteps, b.latents.shape[0], generator=run.generator, device=device)
+    noise = torch.randn(b.latents.shape, generator=run.generator, device=device, dtype=torch.float32)
+    with torch.autocast(device.type, dtype=cfg.weight_dtype, enabled=cfg.autocast):
+        loss = training.flow_matching_loss(run.dit, b, t, noise, cfg.task.rope_scale, cfg.i2v_mode)
+    (loss / cfg.gradient_accumulation_steps).backward()
+    return loss.detach()
+
+
+def optimizer_step(run: Run, loss_sum: torch.Tensor, micro: int) -> training.StepStats:
+    """All-reduce, clip and step; a NaN/inf loss stops the run, leaving every saved file as it was."""
+    cfg, p = run.cfg, run.progress
+    try:
+        return training.finish_step(run.ctx, run.params, run.optimizer, run.scheduler, loss_sum, micro,
+                                    cfg.max_grad_norm, grad_scale=cfg.gradient_accumulation_steps / micro)  # fmt: skip
+    except training.NonFiniteLoss as exc:
+        raise UserError(
+            f"{exc} at step {p.step + 1}; last good checkpoint: {run.last_checkpoint or 'none written yet'}; lower "
+            f"--learning_rate (now {cfg.optimizer.learning_rate:g}), keep --max_grad_norm at 1.0, or check the "
+            "caches for extreme values"
+        ) from None
+
+
+def train_epoch(run: Run, loader, batches_per_epoch: int, bar, tracker) -> bool:
+    """The rest of the current epoch; True once the step budget is reached."""
+    p, accum = run.progress, run.cfg.gradient_accumulation_steps
+    loss_sum, micro = torch.zeros((), device=run.ctx.device), 0
+    for batch in loader:
+        loss_sum, micro = loss_sum + micro_step(run, batch), micro + 1
+        p.batches_in_epoch += 1
+        if micro < accum and p.batches_in_epoch < batches_per_epoch:
+            continue
+        stats = optimizer_step(run, loss_sum, micro)
+        p.step, loss_sum, micro = p.step + 1, torch.zeros_like(loss_sum), 0
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}")
+        if tracker is not None:
+            for key, value in (("loss", stats.loss), ("lr", stats.lr), ("grad_norm", stats.grad_norm)):
+                tracker.add_scalar(key, value, p.step)
+        after_step(run)
+        if p.step >= run.total_steps:
+            return True
+    return False
+
+
+def _tracker(cfg: TrainConfig, ctx):
+    if not (cfg.logging_dir and ctx.is_main):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(cfg.logging_dir / f"{cfg.save.output_name}_{time.strftime('%Y%m%d%H%M%S')}")
+
+
+def train(cfg: TrainConfig, ctx: training.DistContext) -> Path | None:
+    """The whole run; returns the final LoRA (or state) path written by rank 0."""
+    from tqdm import tqdm
+
+    run, loader, sampler = setup(cfg, ctx)
+    if cfg.resume is not None:
+        training.resume_run(run, cfg.resume)
+    tracker = _tracker(cfg, ctx)
+    if cfg.sample.at_first:
+        sample(run)
+    p, per_epoch = run.progress, sampler.batches_per_epoch
+    epochs = math.ceil(run.total_steps / math.ceil(per_epoch / cfg.gradient_accumulation_steps))
+    bar = tqdm(total=run.total_steps, initial=p.step, desc="training", disable=not ctx.is_main, unit="step")
+    done = p.step >= run.total_steps
+    while not done and p.epoch < epochs:
+        sampler.set_epoch(p.epoch, skip=p.batches_in_epoch)
+        done = train_epoch(run, loader, per_epoch, bar, tracker)
+        if p.batches_in_epoch >= per_epoch:
+            p.epoch, p.batches_in_epoch = p.epoch + 1, 0
+            after_epoch(run, p.epoch)
+    bar.close()
+    training.check_ranks_agree(ctx, run.params)
+    training.save_checkpoint(run, cfg.save.output_name, cfg.save.save_state)
+    if tracker is not None:
+        tracker.close()
+    return run.last_checkpoint
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = config_from_args(parse_args(build_parser(), argv))
+    ctx = training.init_distributed()
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the setup log, from rank 0
+    try:
+        train(cfg, ctx)
+    finally:
+        if ctx.distributed:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
