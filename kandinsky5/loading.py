@@ -10,15 +10,17 @@ shards); keys may carry a ComfyUI ``model.diffusion_model.`` / ``diffusion_model
 Every check is strict: a checkpoint that does not fit the task fails with one line naming the task, the file and the
 first missing / unexpected / mis-shaped key.
 
-dtype policy (one place): see :func:`param_dtype`.
+dtype policy: :mod:`kandinsky5.dtype_policy` (``param_dtype`` is re-exported here).  A :class:`LoadTransform` may take
+over the per-tensor step (fp8 quantisation and per-block placement in :func:`kandinsky5.memory.build_dit`): it sees
+each tensor alone, so quantising while streaming never holds more than one high-precision tensor.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,22 +29,32 @@ from safetensors import safe_open
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.dit import AttentionSpec, DiT
+from kandinsky5.dtype_policy import FP32_PARAMS, param_dtype
 
-__all__ = ["load_dit", "param_dtype", "checkpoint_files", "read_header", "file_fingerprint", "FP32_PARAMS"]
+__all__ = [
+    "load_dit",
+    "param_dtype",
+    "checkpoint_files",
+    "read_header",
+    "file_fingerprint",
+    "FP32_PARAMS",
+    "LoadTransform",
+]
 
 log = get_logger(__name__)
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 
-# Parameters that stay fp32 whatever the run dtype: the time MLP and every modulation linear.  The official model
-# computes them in fp32 (autocast(fp32)); diffusers keeps them in fp32 (_keep_in_fp32_modules).  They are ~11% of
-# Pro's weights (2.27 B params in modulation).
-FP32_PARAMS = re.compile(r"(^time_embeddings\.|modulation\.)")
+@dataclass(frozen=True)
+class LoadTransform:
+    """Per-tensor hook of :func:`load_dit`: ``fn(key, cpu_tensor) -> {key: final tensor, ...}``.
 
+    ``fn`` chooses dtype and device of what it returns and may create keys the checkpoint lacks (e.g. an fp8
+    ``<module>.scale_weight``); those must be listed in ``adds`` so the strict fit check accepts their absence.
+    """
 
-def param_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
-    """Storage dtype of parameter ``key`` in a run whose weight dtype is ``dtype``."""
-    return torch.float32 if FP32_PARAMS.search(key) else dtype
+    fn: Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+    adds: frozenset[str] = frozenset()
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
@@ -120,10 +132,12 @@ def load_dit(
     dtype: torch.dtype = torch.bfloat16,
     attention: AttentionSpec | None = None,
     convert: Callable[[DiT], None] | None = None,
+    transform: LoadTransform | None = None,
 ) -> DiT:
     """Build ``task``'s DiT on meta, stream the checkpoint into it (strict) and return it on ``device``.
 
     ``convert`` may change the meta model before loading (e.g. swap Linears for fp8 ones); it must keep the keys.
+    ``transform`` replaces the default per-tensor cast/move (``device``/``dtype`` are then the transform's business).
     """
     files = checkpoint_files(path)
     with torch.device("meta"):
@@ -133,9 +147,13 @@ def load_dit(
     meta_sd = dit.state_dict()
     expected = {k: tuple(v.shape) for k, v in meta_sd.items()}
     found = read_header(files)
-    _check_fit(task, expected, found, str(path))
+    made = {k: (expected[k], "made by transform", None) for k in (transform.adds if transform else ()) if k in expected}
+    _check_fit(task, expected, {**made, **found}, str(path))
     state = {}
     for key, tensor in iter_tensors(files, expected):
+        if transform is not None:
+            state.update(transform.fn(key, tensor))
+            continue
         target = meta_sd[key].dtype if tensor.dtype == torch.float8_e4m3fn else param_dtype(key, dtype)
         state[key] = tensor.to(device=device, dtype=target)
     dit.load_state_dict(state, strict=True, assign=True)
