@@ -30,6 +30,9 @@ layers are quantised per output row instead of per block) and per-token activati
 bf16 output, bias added afterwards; backward still uses the dequantised weight.  Asked for on a device without fp8
 matmul it is an error, never a silent fallback.
 
+Casting a model that holds fp8 layers (``.to(torch.bfloat16)``, ``.float()``) keeps their fp8 weights and fp32
+scales (only biases follow); ``.to(device)`` moves them.
+
 Stream model: none here -- everything runs on the caller's current stream; block swap (``kandinsky5.memory``)
 moves ``weight`` and ``scale_weight`` by reassigning ``.data`` and relies on the autograd function saving the
 parameter itself, so a swapped-out block leaves no GPU copy behind in saved tensors.
@@ -253,6 +256,21 @@ class FP8Linear(nn.Linear):
             return _scaled_mm_linear(x, self.weight, self.scale_weight, bias).to(dtype)
         b = bias.to(dtype) if bias is not None else None
         return F.linear(x.to(dtype), dequantize(self.weight, self.scale_weight, dtype), b)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` moves everything; a dtype cast (``.to(bf16)``, ``.float()``) leaves the fp8 weight and its
+        fp32 scales as they are (the storage policy) and casts only the bias, instead of silently de-quantising."""
+        probe = fn(torch.empty(0, dtype=FP8_DTYPE, device=self.weight.device))
+        if probe.dtype == FP8_DTYPE:
+            return super()._apply(fn, recurse)
+        weight, scale = self._parameters["weight"], self._buffers["scale_weight"]
+        self._parameters["weight"], self._buffers["scale_weight"] = None, None  # skipped by Module._apply
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"], self._buffers["scale_weight"] = weight, scale
+        weight.data, scale.data = weight.data.to(probe.device), scale.data.to(probe.device)
+        return self
 
     def extra_repr(self) -> str:
         block = "tensor" if self.block is None else f"block {self.block}"

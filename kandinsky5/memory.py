@@ -32,8 +32,6 @@ Layouts: see ``kandinsky5.dit`` (blocks take x (B, S, D) / (B, L, D) first, whic
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +136,6 @@ class OffloadStats:
     unpacked: int = 0
     bytes: int = 0
     devices: set = field(default_factory=set)  # devices the packed copies live on
-    originals: list = field(default_factory=list)  # weakrefs to the offloaded tensors (tests; bounded)
 
 
 def _offload_hooks(x: torch.Tensor, pin: bool, stats: OffloadStats):
@@ -154,8 +151,6 @@ def _offload_hooks(x: torch.Tensor, pin: bool, stats: OffloadStats):
         stats.packed += 1
         stats.bytes += host.numel() * host.element_size()
         stats.devices.add(str(host.device))
-        if len(stats.originals) < 256:
-            stats.originals.append(weakref.ref(t))
         return (t.device, host)
 
     def unpack(packed):
@@ -172,8 +167,9 @@ def _checkpointed(inner, offload: bool, pin: bool, stats: OffloadStats):
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(*args, **kwargs)
-        hooks = torch.autograd.graph.saved_tensors_hooks(*_offload_hooks(args[0], pin, stats))
-        with hooks if offload else contextlib.nullcontext():
+        if not offload:
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(*_offload_hooks(args[0], pin, stats)):
             return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
     return forward
@@ -234,6 +230,12 @@ def restore_dit(dit: DiT, device) -> None:
 def _fp8_layout(meta: DiT, memory: MemoryConfig, header: dict) -> tuple[dict[str, tuple], set[str]]:
     """({module: file scale shape} for pre-quantised modules, {modules to quantise while loading})."""
     prequant = fp8.prequantized_scales(header)
+    two_level = [k for k in header if k.endswith(".scale_weight_tensor")]
+    if two_level:
+        raise UserError(
+            f"{two_level[0]}: two-level (per-tensor x per-block) fp8 scales of newer musubi files are not supported; "
+            "load the bf16 checkpoint with --fp8_base instead"
+        )
     quantize = set(fp8.fp8_targets(meta)) - set(prequant) if memory.fp8 else set()
     if prequant and not memory.fp8:
         log.info("checkpoint is pre-quantised fp8 (%d layers with scale_weight): loading it as it is", len(prequant))

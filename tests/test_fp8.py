@@ -108,6 +108,18 @@ def test_fp8_linear_equals_linear_holding_dequantized_weight():
     assert not layer.weight.requires_grad and layer.weight.dtype == FP8_DTYPE
 
 
+def test_dtype_casts_keep_fp8_storage():
+    model = nn.Sequential(FP8Linear.from_linear(nn.Linear(128, 64)))
+    layer = model[0]
+    before = layer.dequantized_weight()
+    model.to(torch.bfloat16)
+    assert layer.weight.dtype == FP8_DTYPE and layer.scale_weight.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16 and isinstance(layer.weight, nn.Parameter)
+    model.float().to("cpu")
+    assert torch.equal(layer.dequantized_weight(), before)
+    assert list(layer.state_dict()) == ["weight", "bias", "scale_weight"]
+
+
 # ---- whole model ------------------------------------------------------------------------------------------------
 
 
@@ -243,6 +255,10 @@ def test_musubi_style_file_with_per_row_and_per_tensor_scales(ckpt, tmp_path):
         scale = sd[f"{name}.scale_weight"].float()
         torch.testing.assert_close(layer.dequantized_weight(), dequantize(sd[f"{name}.weight"], scale))
     assert not isinstance(model.get_submodule("visual_transformer_blocks.0.feed_forward.out_layer"), FP8Linear)
+    sd[f"{row}.scale_weight_tensor"] = torch.ones(1)  # newer musubi two-level scales: a clear error, not a guess
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    with pytest.raises(UserError, match="two-level"):
+        build_dit(TASK, path, "cpu", torch.float32, None, MemoryConfig())
 
 
 def test_streaming_quantization_holds_one_high_precision_tensor(ckpt, monkeypatch):
