@@ -13,7 +13,8 @@ blocks all have one size unless text blocks are streamed).  Max N = blocks - 2 (
 tail puts the first copy behind all resident blocks' compute, and the last two blocks of a forward are the first
 two of the backward: a training step copies 2N blocks host-to-device, an inference forward N + 2, and nothing
 comes back (frozen masters stay valid on the CPU; a tensor replaced or updated in place on the GPU -- an optimizer
-step, a LoRA merge while resident -- is detected by data pointer / version counter and copied back on eviction).
+step, a LoRA merge while resident -- is detected by data pointer / version counter and copied back on eviction;
+edits through a ``.data`` alias bypass the version counter and are not seen).
 
 Block swap -- stream model (CUDA).
 
