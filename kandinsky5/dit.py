@@ -348,17 +348,18 @@ class DiT(nn.Module):
         text = self.embed_text(text_embed, text_mask, time_embed)
 
         visual = self.visual_embeddings(x)  # (B, T, Hg, Wg, D)
-        grid = tuple(visual.shape[1:4])
+        shape, grid = visual.shape, tuple(visual.shape[1:4])
         rope = visual_rope(grid, self.config.axes_dims, scale_factor, x.device)
         perm, self_attend = self._visual_attention(grid, x.device)
         tokens = visual.flatten(1, 3)
+        del visual  # keep only the shape: the embedding output is not needed after the first block
         if perm is not None:
             tokens, rope = tokens[:, perm], (rope[0][perm], rope[1][perm])
         for block in self.visual_transformer_blocks:
             tokens = block(tokens, text, time_embed, rope, text_mask, self_attend)
         if perm is not None:
             tokens = tokens[:, torch.argsort(perm)]
-        return self.out_layer(tokens.view(visual.shape), time_embed)
+        return self.out_layer(tokens.view(shape), time_embed)
 
 
 def num_blocks(dit: DiT) -> int:
