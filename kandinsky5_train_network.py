@@ -259,8 +259,10 @@ def _build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
     except ValueError as exc:
         raise UserError(f"--network_args: {exc}") from None
     if n.weights is not None:
-        sd, _ = module.load_lora_state_dict(n.weights)
-        network.load_lora_state_dict(sd, strict=True)
+        try:
+            network.load_lora_state_dict(module.load_lora_state_dict(n.weights)[0], strict=True)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--network_weights {n.weights}: {exc} (same targets and rank needed)") from None
         log.info("LoRA initialised from %s", n.weights)
     network.apply_to(dit)
     network.train()

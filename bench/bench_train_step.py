@@ -193,7 +193,7 @@ def main() -> int:
         f"params), {args.dtype}, {device.type}, {torch.get_num_threads()} threads\n"
     )
     print("| batch | step (s) | DiT fwd+bwd (s) | GFLOP / step | achieved GFLOP/s | matmul ceiling GFLOP/s "
-          "| % of ceiling | saved activations (MB) | peak memory (MB) |")  # fmt: skip
+          "| % of ceiling | saved activations (MB) | peak memory (MB)* |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in (int(x) for x in args.batches.split(",")):
         r = bench_batch(cfg, dit, network, args, b, device, dtype)
@@ -202,6 +202,8 @@ def main() -> int:
             f"| {r['ceiling']:.1f} | {100 * r['ratio']:.0f} % | {r['act']:.0f} | {r['peak']:.0f} |",
             flush=True,
         )
+    print("\n* CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS of the whole process (monotone over the rows,")
+    print("  includes the allocator's cached free memory and the libraries)")
     return 0
 
 

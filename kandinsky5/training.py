@@ -363,17 +363,23 @@ class StepStats:
     lr: float
 
 
-def _all_reduce_mean_(ctx: DistContext, tensors: list[torch.Tensor]) -> None:
-    """Average ``tensors`` in place over ranks with one flat all-reduce."""
-    if not ctx.distributed or not tensors:
+def _all_reduce_mean_(ctx: DistContext, tensors: list[torch.Tensor], bucket_bytes: int = 64 << 20) -> None:
+    """Average ``tensors`` in place over ranks: flattened (fp32) into buckets of about ``bucket_bytes``, one
+    all-reduce each, so a large LoRA needs one bucket of extra memory, not a second copy of its gradients."""
+    if not ctx.distributed:
         return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= ctx.world_size
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+    start, size = 0, 0
+    for i, t in enumerate(tensors):
+        size += t.numel() * 4
+        if size < bucket_bytes and i < len(tensors) - 1:
+            continue
+        bucket = tensors[start : i + 1]
+        flat = torch.cat([b.reshape(-1).float() for b in bucket])
+        dist.all_reduce(flat)
+        flat /= ctx.world_size
+        for b, v in zip(bucket, flat.split([b.numel() for b in bucket])):
+            b.copy_(v.view_as(b))
+        start, size = i + 1, 0
 
 
 def finish_step(

@@ -52,3 +52,28 @@ def test_two_gloo_ranks_end_with_identical_lora_weights(tiny_bundle, tmp_path):
     lora = load_file(out / "lora.safetensors")
     assert any(float(v.abs().max()) > 0 for k, v in lora.items() if k.endswith("lora_up.weight"))
     assert sorted(p.name for p in out.iterdir()) == ["lora-state", "lora.safetensors"]  # rank 0 only, no temp dirs
+
+
+def _bucketed_all_reduce_worker(rank: int, port: int, result) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from kandinsky5.training import DistContext, _all_reduce_mean_
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        tensors = [torch.full((n,), float(rank + 1) * (i + 1)) for i, n in enumerate((3, 5, 1, 7))]
+        _all_reduce_mean_(DistContext(rank=rank, world_size=2), tensors, bucket_bytes=16)  # several buckets
+        result[rank] = [t.tolist() for t in tensors]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bucketed_gradient_all_reduce_averages_every_tensor():
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    result = manager.dict()
+    mp.spawn(_bucketed_all_reduce_worker, args=(_free_port(), result), nprocs=2, join=True)
+    expected = [[1.5 * (i + 1)] * n for i, n in enumerate((3, 5, 1, 7))]
+    assert result[0] == result[1] == expected

@@ -127,14 +127,17 @@ def test_help_documents_every_flag():
     assert help_text.returncode == 0 and "--optimizer_args" in help_text.stdout
 
 
-def test_config_file_and_saved_file_formats(tiny_bundle, toy, tmp_path):
+def test_config_file_tensorboard_and_saved_file_formats(tiny_bundle, toy, tmp_path):
     from networks.lora_kandinsky import create_network_from_weights, load_lora_state_dict
 
     config = tmp_path / "run.toml"
     config.write_text('[optimizer]\noptimizer_type = "adamw"\noptimizer_args = ["weight_decay=0.01"]\n'
                       'save_format = "diffusers"\n[network]\nnetwork_dim = 8\nnetwork_alpha = 4\n')  # fmt: skip
-    out = tmp_path / "out"
-    assert train(base_args(tiny_bundle, toy, out) + ["--config_file", str(config)]) == 0
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    tracker = ["--logging_dir", str(logs), "--log_with", "tensorboard"]
+    assert train(base_args(tiny_bundle, toy, out) + ["--config_file", str(config)] + tracker) == 0
+    events = list(logs.glob("lora_*/events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
     sd, meta = load_lora_state_dict(out / "lora.safetensors")
     assert meta["k5_format"] == "diffusers" and meta["ss_network_dim"] == "8"
     assert meta["k5_base_checkpoint_hash"] and meta["ss_steps"] == "2"
