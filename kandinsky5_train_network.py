@@ -30,26 +30,8 @@ from types import ModuleType
 
 import torch
 
-from kandinsky5 import flow, training
-from kandinsky5.cli import (
-    add_attention_args,
-    add_config_file_arg,
-    add_memory_args,
-    add_model_args,
-    attention_spec_from_args,
-    parse_args,
-    run_main,
-    task_from_args,
-)
+from kandinsky5 import cli, flow, optim, training
 from kandinsky5.common import UserError, get_logger, seed_everything
-from kandinsky5.optim import (
-    OptimizerConfig,
-    SchedulerConfig,
-    build_optimizer,
-    build_scheduler,
-    optimizer_name,
-    parse_kv_args,
-)
 from kandinsky5.training import I2V_MODES, SAVE_FORMATS, NetworkConfig, Run, SampleConfig, SaveConfig, TrainConfig
 
 log = get_logger("kandinsky5.train")
@@ -65,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kandinsky5_train_network.py",
         description="LoRA training for Kandinsky 5 video DiTs on cached latents/text (see docs/training.md).",
     )
-    add_config_file_arg(p)
-    add_model_args(p)
-    add_attention_args(p)
-    add_memory_args(p, training=True)
+    cli.add_config_file_arg(p)
+    cli.add_model_args(p)
+    cli.add_attention_args(p)
+    cli.add_memory_args(p, training=True)
     _add_run_args(p)
     _add_optimizer_args(p)
     _add_network_args(p)
@@ -175,7 +157,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from kandinsky5.memory import memory_config_from_args
 
     _require(args, "task", "dit", "dataset_config", "output_dir", "output_name")
-    task = task_from_args(args)
+    task = cli.task_from_args(args)
     if args.scheduler_scale is not None:
         task = replace(task, scheduler_scale=args.scheduler_scale)
     if args.sage_attn:
@@ -195,14 +177,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         )  # fmt: skip
     except ValueError as exc:
         raise UserError(f"timestep settings: {exc}") from None
-    for name in ("gradient_accumulation_steps",):
-        if vars(args)[name] < 1:
-            raise UserError(f"--{name} must be >= 1")
+    positive = ("gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "network_dim",
+                "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
+                "sample_every_n_steps", "sample_every_n_epochs")  # fmt: skip
+    for name in positive:
+        if vars(args)[name] is not None and vars(args)[name] < 1:
+            raise UserError(f"--{name} must be >= 1, got {vars(args)[name]}")
+    opt_cfg = optim.OptimizerConfig(
+        args.optimizer_type, args.learning_rate, optim.parse_kv_args(args.optimizer_args, "--optimizer_args")
+    )
+    sched_cfg = optim.SchedulerConfig(
+        args.lr_scheduler, args.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power
+    )
+    optim.check_configs(opt_cfg, sched_cfg)
     return TrainConfig(
         task=task,
         dit_path=Path(args.dit),
         dataset_config=Path(args.dataset_config),
-        attention=attention_spec_from_args(args, task),
+        attention=cli.attention_spec_from_args(args, task),
         memory=memory_config_from_args(args),
         mixed_precision=_mixed_precision(args.mixed_precision),
         seed=args.seed,
@@ -212,16 +204,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_grad_norm=args.max_grad_norm,
         i2v_mode=args.i2v_mode or "first",
         timesteps=timesteps,
-        optimizer=OptimizerConfig(
-            args.optimizer_type, args.learning_rate, parse_kv_args(args.optimizer_args, "--optimizer_args")
-        ),
-        scheduler=SchedulerConfig(
-            args.lr_scheduler, args.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power
-        ),
+        optimizer=opt_cfg,
+        scheduler=sched_cfg,
         network=NetworkConfig(
-            module=args.network_module, dim=args.network_dim or 4,
+            module=args.network_module, dim=4 if args.network_dim is None else args.network_dim,
             alpha=1.0 if args.network_alpha is None else args.network_alpha, dropout=args.network_dropout,
-            args=parse_kv_args(args.network_args, "--network_args"),
+            args=optim.parse_kv_args(args.network_args, "--network_args"),
             weights=Path(args.network_weights) if args.network_weights else None,
         ),  # fmt: skip
         save=SaveConfig(
@@ -257,7 +245,7 @@ def _build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
     try:
         network = module.create_network(1.0, n.dim, n.alpha, dit, dict(n.args), neuron_dropout=n.dropout)
     except ValueError as exc:
-        raise UserError(f"--network_args: {exc}") from None
+        raise UserError(f"LoRA network ({n.module}, --network_args): {exc}") from None
     if n.weights is not None:
         try:
             network.load_lora_state_dict(module.load_lora_state_dict(n.weights)[0], strict=True)
@@ -280,7 +268,7 @@ def _log_setup(cfg: TrainConfig, ctx, items: list, total: int, per_epoch: int) -
     log.info(
         "%d cached samples in %d shape buckets; %d optimizer steps (%d per epoch, %d epochs), accumulation %d, "
         "optimizer %s, schedule %s", len(items), len({i.shape for i in items}), total, per_epoch,
-        math.ceil(total / per_epoch), cfg.gradient_accumulation_steps, optimizer_name(cfg.optimizer),
+        math.ceil(total / per_epoch), cfg.gradient_accumulation_steps, optim.optimizer_name(cfg.optimizer),
         cfg.scheduler.name,
     )  # fmt: skip
 
@@ -306,8 +294,8 @@ def setup(cfg: TrainConfig, ctx: training.DistContext):
     network, module = _build_network(cfg, dit)
     network.to(ctx.device)
     training.broadcast_params_(ctx, network.parameters())
-    optimizer = build_optimizer([p for p in network.parameters() if p.requires_grad], cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, total)
+    optimizer = optim.build_optimizer([p for p in network.parameters() if p.requires_grad], cfg.optimizer)
+    scheduler = optim.build_scheduler(optimizer, cfg.scheduler, total)
     seed_everything(seed + ctx.rank)  # dropout masks differ per rank
     generator = torch.Generator(ctx.device).manual_seed(seed * 1009 + ctx.rank)
     run = Run(cfg, ctx, dit, network, module, optimizer, scheduler, generator, seed, total, len(items),
@@ -445,7 +433,7 @@ def train(cfg: TrainConfig, ctx: training.DistContext) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = config_from_args(parse_args(build_parser(), argv))
+    cfg = config_from_args(cli.parse_args(build_parser(), argv))
     ctx = training.init_distributed()
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the setup log, from rank 0
@@ -458,4 +446,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main))
+    raise SystemExit(cli.run_main(main))

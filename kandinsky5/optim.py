@@ -61,6 +61,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "warmup_steps",
+    "check_configs",
     "optimizer_name",
     "Progress",
     "capture_rng",
@@ -159,6 +160,14 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) 
         return cls(list(params), lr=lr, **kwargs)
     except TypeError as exc:
         raise UserError(f"--optimizer_args do not fit {cls.__name__}: {exc}") from None
+
+
+def check_configs(opt: OptimizerConfig, sched: SchedulerConfig) -> None:
+    """Fail fast (before any model is loaded) on an unknown optimizer or schedule name."""
+    optimizer_class(opt.type)
+    names = _scheduler_names() + ["adafactor"]
+    if sched.name not in names:
+        raise UserError(f"unknown --lr_scheduler {sched.name!r}; valid: {', '.join(names)}")
 
 
 def warmup_steps(cfg: SchedulerConfig, total_steps: int) -> int:

@@ -106,8 +106,8 @@ SAVE_FORMATS = ("comfyui", "diffusers", "musubi")
 @dataclass(frozen=True)
 class NetworkConfig:
     module: str = "networks.lora_kandinsky"  # --network_module, imported by name
-    dim: int = 32  # --network_dim (rank)
-    alpha: float = 32.0  # --network_alpha (scale = alpha / rank)
+    dim: int = 4  # --network_dim (rank)
+    alpha: float = 1.0  # --network_alpha (scale = alpha / rank)
     dropout: float | None = None  # --network_dropout (rank-activation dropout)
     args: Mapping[str, Any] = field(default_factory=dict)  # --network_args, literal-parsed
     weights: Path | None = None  # --network_weights: start from this LoRA
@@ -149,7 +149,7 @@ class TrainConfig:
     dataset_config: Path
     attention: AttentionSpec
     memory: MemoryConfig
-    mixed_precision: str  # "no" | "fp16" | "bf16": autocast dtype and the DiT weight dtype
+    mixed_precision: str  # "bf16" (DiT weights bf16 + autocast) | "no" (fp32)
     seed: int | None
     max_train_steps: int | None
     max_train_epochs: int | None
@@ -418,7 +418,7 @@ def finish_step(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# progress, RNG, state directories
+# one run: its mutable state, RNG of all ranks, checkpoints, resume
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -430,11 +430,6 @@ def gather_rng(ctx: DistContext, generator: torch.Generator) -> list[dict]:
     states: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(states, state)
     return states
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# one run: its mutable state, checkpoints, resume
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass

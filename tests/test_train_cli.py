@@ -54,8 +54,9 @@ accelerate launch --num_cpu_threads_per_process 1 --mixed_precision bf16 \
 
 def train(argv: list[str]) -> int:
     """Run the script's main in this process (as ``python kandinsky5_train_network.py ARGV`` would)."""
-    ns = runpy.run_path(str(SCRIPT), run_name="k5_train")
-    return ns["run_main"](ns["main"], argv)
+    from kandinsky5.cli import run_main
+
+    return run_main(runpy.run_path(str(SCRIPT), run_name="k5_train")["main"], argv)
 
 
 def base_args(bundle: Path, toml: Path, out: Path, task: str = "k5-tiny-t2v", steps: int = 2) -> list[str]:
@@ -164,6 +165,10 @@ def test_documented_errors(tiny_bundle, toy, tmp_path, capsys):
         (["--log_with", "tensorboard"], "needs --logging_dir"),
         (["--sample_prompts", "p.txt"], "needs --text_encoder_qwen"),
         (["--timestep_sampling", "shift", "--min_timestep", "900", "--max_timestep", "100"], "min_timestep"),
+        (["--save_every_n_steps", "0"], "--save_every_n_steps must be >= 1"),
+        (["--optimizer_type", "adamx"], "unknown --optimizer_type 'adamx'"),
+        (["--lr_scheduler", "cosine_restarts"], "unknown --lr_scheduler 'cosine_restarts'"),
+        (["--network_args", "include_patterns=['nothing_matches']"], "matches no Linear module"),
     ]
     for extra, message in cases:
         assert train(base_args(tiny_bundle, toy, out) + extra) == 1
