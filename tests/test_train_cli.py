@@ -107,7 +107,7 @@ def test_seed_accelerate_command_runs_as_written(tiny_bundle, toy, tmp_path):
     assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
 
 
-def test_help_documents_every_flag():
+def test_help_and_docs_document_every_flag():
     parser = runpy.run_path(str(SCRIPT), run_name="k5_train")["build_parser"]()
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert all(a.help and a.help.strip() for a in flags), [a.dest for a in flags if not a.help]
@@ -124,6 +124,8 @@ def test_help_documents_every_flag():
         "--offload_dit_during_sampling", "--flash_attn",
     }  # fmt: skip
     assert seed_flags | issue_flags <= names, (seed_flags | issue_flags) - names
+    doc = (ROOT / "docs" / "training.md").read_text()
+    assert not [n for n in names if n.startswith("--") and f"`{n}" not in doc and f"{n} " not in doc]
     help_text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert help_text.returncode == 0 and "--optimizer_args" in help_text.stdout
 
