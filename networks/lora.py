@@ -183,7 +183,7 @@ class LoRAModule(nn.Module):
             keep = torch.rand(h.shape[0], *([1] * (h.ndim - 2)), self.rank, device=h.device) > self.rank_dropout
             h = h * keep.to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)
-        return F.linear(h, self.lora_up.weight.to(h.dtype)) * scale
+        return F.linear(h * scale, self.lora_up.weight.to(h.dtype))  # scale the rank-r activation, not the output
 
     @torch.no_grad()
     def delta_weight(self, multiplier: float | None = None) -> torch.Tensor:
