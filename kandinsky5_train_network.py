@@ -64,16 +64,28 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset_config", help="dataset TOML whose caches were built by the two caching scripts")
     g.add_argument("--max_data_loader_n_workers", type=int, default=2, help="DataLoader workers (capped at CPUs)")
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive across epochs")
-    g.add_argument("--mixed_precision", choices=("no", "bf16"), default=None,
-                   help="bf16: DiT weights bf16 + autocast (default, or accelerate's setting); no: everything fp32")
+    g.add_argument(
+        "--mixed_precision",
+        choices=("no", "bf16"),
+        default=None,
+        help="bf16: DiT weights bf16 + autocast (default, or accelerate's setting); no: everything fp32",
+    )
     g.add_argument("--seed", type=int, default=None, help="seed of LoRA init, noise, timesteps, data order (random)")
     g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default 1600 without epochs)")
     g.add_argument("--max_train_epochs", type=int, default=None, help="epochs; with --max_train_steps the smaller")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--scheduler_scale", type=float, default=None,
-                   help="sampling time-shift of the task (used by --sample_prompts, stored in the LoRA metadata)")
-    g.add_argument("--i2v_mode", choices=I2V_MODES, default=None,
-                   help="I2V tasks: condition on the first frame (default) or on the first and last frames")
+    g.add_argument(
+        "--scheduler_scale",
+        type=float,
+        default=None,
+        help="sampling time-shift of the task (used by --sample_prompts, stored in the LoRA metadata)",
+    )
+    g.add_argument(
+        "--i2v_mode",
+        choices=I2V_MODES,
+        default=None,
+        help="I2V tasks: condition on the first frame (default) or on the first and last frames",
+    )
     g.add_argument("--logging_dir", default=None, help="TensorBoard logs go to <logging_dir>/<output_name>_<time>")
     g.add_argument("--log_with", choices=("tensorboard",), default=None, help="tracker (needs --logging_dir)")
     s = p.add_argument_group("sampling during training (rank 0; see docs/sampling_during_training.md)")
@@ -86,13 +98,23 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer and learning rate")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="learning rate of the LoRA weights")
-    g.add_argument("--optimizer_type", default="AdamW",
-                   help="AdamW, AdamW8bit, Adafactor, a torch.optim name or package.Class (case-insensitive)")
-    g.add_argument("--optimizer_args", nargs="*", default=None,
-                   help='key=value constructor args, values as Python literals: "betas=(0.9,0.95)"')
+    g.add_argument(
+        "--optimizer_type",
+        default="AdamW",
+        help="AdamW, AdamW8bit, Adafactor, a torch.optim name or package.Class (case-insensitive)",
+    )
+    g.add_argument(
+        "--optimizer_args",
+        nargs="*",
+        default=None,
+        help='key=value constructor args, values as Python literals: "betas=(0.9,0.95)"',
+    )
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the LoRA gradient norm (0 = no clip)")
-    g.add_argument("--lr_scheduler", default="constant",
-                   help="transformers schedule: constant, constant_with_warmup, linear, cosine, ... or adafactor")
+    g.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="transformers schedule: constant, constant_with_warmup, linear, cosine, ... or adafactor",
+    )
     g.add_argument("--lr_warmup_steps", type=float, default=0, help="warmup steps (or a fraction < 1 of the total)")
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
     g.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power of the polynomial schedule")
@@ -104,8 +126,12 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
     g.add_argument("--network_alpha", type=float, default=None, help="LoRA alpha, scale = alpha / rank (default 1)")
     g.add_argument("--network_dropout", type=float, default=None, help="dropout on the rank activations")
-    g.add_argument("--network_args", nargs="*", default=None,
-                   help="key=value: include_patterns=[...], exclude_patterns=[...], rank_dropout=, module_dropout=")
+    g.add_argument(
+        "--network_args",
+        nargs="*",
+        default=None,
+        help="key=value: include_patterns=[...], exclude_patterns=[...], rank_dropout=, module_dropout=",
+    )
     g.add_argument("--network_weights", default=None, help="start from this LoRA file (any supported format)")
 
 
@@ -207,22 +233,31 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         optimizer=opt_cfg,
         scheduler=sched_cfg,
         network=NetworkConfig(
-            module=args.network_module, dim=4 if args.network_dim is None else args.network_dim,
-            alpha=1.0 if args.network_alpha is None else args.network_alpha, dropout=args.network_dropout,
+            module=args.network_module,
+            dim=4 if args.network_dim is None else args.network_dim,
+            alpha=1.0 if args.network_alpha is None else args.network_alpha,
+            dropout=args.network_dropout,
             args=optim.parse_kv_args(args.network_args, "--network_args"),
             weights=Path(args.network_weights) if args.network_weights else None,
         ),  # fmt: skip
         save=SaveConfig(
-            output_dir=Path(args.output_dir), output_name=args.output_name,
-            every_n_epochs=args.save_every_n_epochs, every_n_steps=args.save_every_n_steps,
-            last_n_epochs=args.save_last_n_epochs, last_n_steps=args.save_last_n_steps,
-            save_state=args.save_state, format=args.save_format,
+            output_dir=Path(args.output_dir),
+            output_name=args.output_name,
+            every_n_epochs=args.save_every_n_epochs,
+            every_n_steps=args.save_every_n_steps,
+            last_n_epochs=args.save_last_n_epochs,
+            last_n_steps=args.save_last_n_steps,
+            save_state=args.save_state,
+            format=args.save_format,
         ),  # fmt: skip
         sample=SampleConfig(
             prompts=Path(args.sample_prompts) if args.sample_prompts else None,
-            every_n_steps=args.sample_every_n_steps, every_n_epochs=args.sample_every_n_epochs,
+            every_n_steps=args.sample_every_n_steps,
+            every_n_epochs=args.sample_every_n_epochs,
             at_first=args.sample_at_first,
-            text_encoder_qwen=args.text_encoder_qwen, text_encoder_clip=args.text_encoder_clip, vae=args.vae,
+            text_encoder_qwen=args.text_encoder_qwen,
+            text_encoder_clip=args.text_encoder_clip,
+            vae=args.vae,
         ),  # fmt: skip
         num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         persistent_workers=args.persistent_data_loader_workers,

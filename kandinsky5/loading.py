@@ -45,6 +45,7 @@ log = get_logger(__name__)
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 
+
 @dataclass(frozen=True)
 class LoadTransform:
     """Per-tensor hook of :func:`load_dit`: ``fn(key, cpu_tensor) -> {key: final tensor, ...}``.

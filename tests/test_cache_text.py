@@ -7,7 +7,6 @@ The seed command runs as a subprocess; everything else calls ``main(argv)`` of t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,27 +22,20 @@ from dataset.sources import iter_items
 from kandinsky5.cli import run_main
 from kandinsky5.configs import get_task
 from kandinsky5.text_encoders import TextEncoder
+from tests.helpers import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_TASK = "k5-pro-t2v-5s-sd"
 
 
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return _load(ROOT / "kandinsky5_cache_text_encoder_outputs.py", "_cache_text_script")
+    return load_module(ROOT / "kandinsky5_cache_text_encoder_outputs.py", "_cache_text_script")
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return _load(ROOT / "scripts" / "make_toy_dataset.py", "_make_toy_dataset_text")
+    return load_module(ROOT / "scripts" / "make_toy_dataset.py", "_make_toy_dataset_text")
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def substitutions(bundle: Path, work: Path, toml: Path) -> list[tuple[str, str]]
         ("path/to/dataset.toml", str(toml)),
         ("Qwen/Qwen2.5-VL-7B-Instruct", str(bundle / "text_encoder")),
         ("openai/clip-vit-large-patch14", str(bundle / "text_encoder2")),
-        ("path/to/vae/diffusion_pytorch_model.safetensors", str(bundle / "vae" / "diffusion_pytorch_model.safetensors")),
+        ("path/to/vae/", f"{bundle / 'vae'}/"),
         ("path/to/kandinsky5pro_t2v_pretrain_5s.safetensors", str(model / "k5_tiny_t2v.safetensors")),
         ("path/to/kandinsky5pro_i2v_sft_5s.safetensors", str(model / "k5_tiny_i2v.safetensors")),
         ("k5-pro-t2v-5s-sd", "k5-tiny-t2v"),
@@ -75,6 +75,7 @@ def test_every_bash_block_of_the_guide_runs(tiny_bundle, tmp_path):
     for block in blocks:
         command = localise(block, substitutions(tiny_bundle, tmp_path, toml))
         run = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, f"command failed:\n{command}\n--- output ---\n{run.stdout[-3000:]}{run.stderr[-3000:]}"
+        output = run.stdout[-3000:] + run.stderr[-3000:]
+        assert run.returncode == 0, f"command failed:\n{command}\n--- output ---\n{output}"
     assert (tmp_path / "t2v.mp4").stat().st_size > 0
     assert (tmp_path / "i2v.mp4").stat().st_size > 0

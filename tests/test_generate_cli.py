@@ -5,7 +5,6 @@ Sizes are small (128x128 or image-driven ~128x128, 9 frames, 2 steps) so the who
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 from pathlib import Path
 
@@ -18,19 +17,12 @@ from safetensors import safe_open
 from kandinsky5.cli import run_main
 from kandinsky5.configs import TINY_DIT
 from kandinsky5.video_io import read_image, read_video
+from tests.helpers import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-    """The script's module, loaded by path (tests/test_layering.py forbids ``import`` of a script)."""
-    spec = importlib.util.spec_from_file_location("kandinsky5_generate_video", ROOT / "kandinsky5_generate_video.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-main = _load_script().main
+main = load_module(ROOT / "kandinsky5_generate_video.py", "kandinsky5_generate_video").main
 
 SMALL = ["--frames", "9", "--steps", "2", "--width", "128", "--height", "128"]
 

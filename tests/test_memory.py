@@ -182,6 +182,7 @@ def test_weights_changed_while_resident_are_copied_back(base):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_block_swap_on_cuda_saves_memory_and_is_exact(base):
     """Real copies on the side stream: identical training to no swap, and N blocks fewer allocated."""
+
     def run(swap: int):
         model, net, swapper, _ = _prepare(base)  # CPU model, no swap yet
         if swap:
