@@ -166,8 +166,10 @@ def dit_input(x: torch.Tensor, first: bool, last: bool) -> torch.Tensor:
     return torch.cat([x, torch.zeros_like(x), mask], dim=-1)
 
 
-def _paste(x: torch.Tensor, first: torch.Tensor | None, last: torch.Tensor | None) -> torch.Tensor:
-    """Overwrite frame 0 / frame T-1 of x in place with the clean latents."""
+def paste_condition(x: torch.Tensor, first: torch.Tensor | None, last: torch.Tensor | None) -> torch.Tensor:
+    """Overwrite frame 0 / frame T-1 of x (B, T, h, w, 16) in place with the clean latents (B, 1, h, w, 16).
+
+    With :func:`dit_input` this is the one definition of I2V conditioning, shared by sampling and training."""
     if first is not None:
         x[:, :1] = first
     if last is not None:
@@ -262,11 +264,11 @@ def sample_latents(
     sigmas = flow.sampling_sigmas(spec.steps, spec.scheduler_scale)
     visual_cond = dit.config.visual_cond
     for k in tqdm(range(spec.steps), desc="denoising", disable=not progress, leave=False):
-        _paste(x, first, last)
+        paste_condition(x, first, last)
         model_in = dit_input(x, first is not None, last is not None) if visual_cond else x
         v = _velocity(dit, model_in, text, sigmas[k], spec, dtype)
         x = flow.euler_step(x, v, sigmas[k], sigmas[k + 1])
-    _paste(x, first, last)
+    paste_condition(x, first, last)
     if first is not None:
         x = normalize_first_frame(x)
     return x.cpu()

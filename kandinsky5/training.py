@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kandinsky5 import flow
+from kandinsky5 import flow, pipeline
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.optim import (
@@ -60,11 +60,11 @@ from kandinsky5.optim import (
     state_writers,
     write_state_dir,
 )
+from kandinsky5.prompts import read_prompt_file
 
 if TYPE_CHECKING:
     from kandinsky5.dit import AttentionSpec
     from kandinsky5.memory import MemoryConfig
-    from kandinsky5.pipeline import PreparedRequest
 
 __all__ = [
     "I2V_MODES",
@@ -300,24 +300,19 @@ def dit_input(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The 33-channel DiT input and the (B, T) loss weight of each frame (None = every frame counts).
 
-    ``latents_image`` None -> T2V ``[x_t | 0 | 0]``.  Otherwise the official I2V layout (module docstring).
+    ``latents_image`` None -> T2V ``[x_t | 0 | 0]``.  Otherwise the official I2V layout, built with the sampler's own
+    :func:`~kandinsky5.pipeline.paste_condition` and :func:`~kandinsky5.pipeline.dit_input`, so training conditions
+    exactly as inference does; the conditioned frames get loss weight 0.
     """
     b, t = x_t.shape[:2]
-    cond = torch.zeros_like(x_t)
-    mask = torch.zeros((*x_t.shape[:-1], 1), dtype=x_t.dtype, device=x_t.device)
     frames = conditioned_frames(t, i2v_mode) if latents_image is not None else []
     if not frames:
-        return torch.cat([x_t, cond, mask], dim=-1), None
-    is_cond = torch.zeros(t, dtype=torch.bool, device=x_t.device)
-    is_cond[frames] = True
-    clean = torch.zeros_like(x_t)
-    for frame, source in zip(frames, (0, 1)):  # frame 0 <- first latent, frame T-1 <- last latent
-        clean[:, frame] = latents_image[:, source]
-    frame_is_cond = is_cond.view(1, t, 1, 1, 1)
-    x_in = torch.where(frame_is_cond, clean, x_t)
-    mask = mask + frame_is_cond.to(mask.dtype)
-    weight = (~is_cond).to(torch.float32).expand(b, t)
-    return torch.cat([x_in, cond, mask], dim=-1), weight
+        return pipeline.dit_input(x_t, first=False, last=False), None
+    last = latents_image[:, 1:2] if len(frames) == 2 else None  # frame T-1 <- the last-frame latent
+    x_in = pipeline.paste_condition(x_t.clone(), latents_image[:, :1], last)
+    weight = torch.ones(b, t, dtype=torch.float32, device=x_t.device)
+    weight[:, frames] = 0.0
+    return pipeline.dit_input(x_in, first=True, last=last is not None), weight
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, frame_weight: torch.Tensor | None) -> torch.Tensor:
@@ -541,12 +536,10 @@ class TrainingSampler:
     """
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        from kandinsky5.pipeline import Kandinsky5Pipeline
-
         self.cfg, self.task = cfg, cfg.task
         self.out_dir = cfg.save.output_dir / "sample"
         s = cfg.sample
-        self.pipeline = Kandinsky5Pipeline(
+        self.pipeline = pipeline.Kandinsky5Pipeline(
             self.task,
             text_encoder_qwen=s.text_encoder_qwen,
             text_encoder_clip=s.text_encoder_clip,
@@ -554,14 +547,11 @@ class TrainingSampler:
             device=device,
             dtype=cfg.weight_dtype,
         )
-        self.prepared: list[PreparedRequest] = []
+        self.prepared: list[pipeline.PreparedRequest] = []
 
     def prepare(self) -> None:
         """Read the prompt file, encode every prompt and image now (text encoders are released afterwards)."""
-        from kandinsky5.pipeline import request_from_line
-        from kandinsky5.prompts import read_prompt_file
-
-        requests = [request_from_line(self.task, line) for line in read_prompt_file(self.cfg.sample.prompts)]
+        requests = [pipeline.request_from_line(self.task, line) for line in read_prompt_file(self.cfg.sample.prompts)]
         self.prepared = [self.pipeline.prepare(r) for r in requests]
         self.pipeline.encode_prompts(p.request for p in self.prepared)
         self.pipeline.release_text_encoder()
