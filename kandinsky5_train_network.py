@@ -152,7 +152,12 @@ def _add_save_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("saving and resuming")
     g.add_argument("--output_dir", help="where LoRA files, states and samples go")
     g.add_argument("--output_name", help="file stem: <name>.safetensors, <name>-step00000100.safetensors, ...")
-    g.add_argument("--save_format", choices=SAVE_FORMATS, default="comfyui", help="LoRA key format of saved files")
+    g.add_argument(
+        "--save_format",
+        choices=SAVE_FORMATS,
+        default="diffusers",
+        help="LoRA key format: diffusers (default; loads in ComfyUI, diffusers and the official repo), comfyui, musubi",
+    )
     g.add_argument("--save_every_n_epochs", type=int, default=None, help="save a LoRA every N epochs")
     g.add_argument("--save_every_n_steps", type=int, default=None, help="save a LoRA every N optimizer steps")
     g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the newest N epoch saves")

@@ -122,7 +122,7 @@ class SaveConfig:
     last_n_epochs: int | None = None  # keep only the newest N epoch checkpoints (and their states)
     last_n_steps: int | None = None  # keep only the newest N step checkpoints (and their states)
     save_state: bool = False  # write a resumable state directory with every checkpoint and at the end
-    format: str = "comfyui"
+    format: str = "diffusers"
 
 
 @dataclass(frozen=True)

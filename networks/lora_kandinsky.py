@@ -20,8 +20,8 @@ targeted unless included: the modulation linears, the embeddings and ``out_layer
 ``dropout``            float, dropout on the rank activations (same as ``neuron_dropout`` / --network_dropout)
 =====================  ================================================================================
 
-Files: ``save_lora`` writes ``comfyui`` (default), ``diffusers`` or ``musubi`` keys (see ``docs/lora_formats.md``);
-``load_lora_state_dict`` reads any of them.  Converter::
+Files: ``save_lora`` writes ``diffusers`` keys (default: loads in ComfyUI, diffusers and the official repo),
+``comfyui`` or ``musubi`` keys (see ``docs/lora_formats.md``); ``load_lora_state_dict`` reads any of them.  Converter::
 
     python -m networks.lora_kandinsky convert IN.safetensors OUT.safetensors --format diffusers
 """
@@ -208,7 +208,7 @@ def save_lora(
     path: str | Path,
     weights: LoRANetwork | Mapping[str, torch.Tensor],
     metadata: Mapping[str, object] | None = None,
-    format: str = "comfyui",
+    format: str = "diffusers",
     dtype: torch.dtype | None = None,
 ) -> dict[str, str]:
     """Write a network (or a canonical state dict) atomically as safetensors; returns the header written.
@@ -263,7 +263,7 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="rewrite a LoRA in another key format (reads comfyui, diffusers, musubi)")
     conv.add_argument("input", help="LoRA .safetensors in any supported format")
     conv.add_argument("output", help="destination .safetensors (written atomically)")
-    conv.add_argument("--format", choices=FORMATS, default="comfyui", help="key format to write (default comfyui)")
+    conv.add_argument("--format", choices=FORMATS, default="diffusers", help="key format to write (default diffusers)")
     conv.add_argument("--dtype", default=None, help="cast up/down weights: bf16, fp16 or fp32 (default: keep)")
     return parser
 

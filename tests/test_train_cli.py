@@ -105,6 +105,12 @@ def test_seed_accelerate_command_runs_as_written(tiny_bundle, toy, tmp_path):
     assert meta["ss_steps"] == "4" and meta["ss_epoch"] == "2"
     assert '"shift": 5.0' in meta["k5_timestep"]
     assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
+    # the default key format is the one diffusers, ComfyUI (K5 rule) and the official repo all load
+    from safetensors import safe_open
+
+    with safe_open(str(out / "k5_lora.safetensors"), "pt") as f:
+        raw = list(f.keys())
+    assert raw and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in raw)
 
 
 def test_help_and_docs_document_every_flag():
