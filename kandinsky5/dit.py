@@ -20,9 +20,10 @@ Inside, the visual stream is ``(B, S, D)`` with ``S = T * H/2 * W/2`` tokens in 
 NABLA's fractal order when NABLA is on.  Attention tensors are ``(B, S, heads, head_dim)``.
 
 Numerics follow the official model (``architecture.md`` 1.2-1.7): the time MLP and all modulation linears run in
-fp32 with autocast off; LayerNorm, the ``(1 + scale)`` modulation and residual adds are computed in fp32 and cast back
-to the stream dtype; q/k RMSNorm in fp32 with eps = fp32 machine epsilon; RoPE on interleaved pairs in fp32 with
-q and k rounded to bf16 right after rotation (as official, diffusers and musubi do even in fp32 models).
+fp32 with autocast off (``FP32Linear`` upcasts weights stored in bf16); LayerNorm, the ``(1 + scale)`` modulation
+and residual adds are computed in fp32 and cast back to the stream dtype; q/k RMSNorm in fp32 with eps = fp32
+machine epsilon; RoPE on interleaved pairs in fp32 with q and k rounded to bf16 right after rotation (as official,
+diffusers and musubi do even in fp32 models).
 
 Text of different lengths batches exactly: padded keys are masked in text self-attention and in every
 cross-attention, and real tokens keep positions 0..L_i-1, so each sample gets the output it would get alone.
@@ -68,12 +69,22 @@ def _freqs(n: int, device: torch.device) -> torch.Tensor:
     return torch.exp(-math.log(ROPE_THETA) * torch.arange(n, dtype=torch.float32, device=device) / n)
 
 
+class FP32Linear(nn.Linear):
+    """A conditioning Linear that always computes in fp32, whatever dtype its weights are stored in.
+
+    The official model stores these weights as the checkpoint has them (bf16) and runs them under
+    ``autocast(fp32)``, i.e. upcasts them at use; this does the same, so a bf16 checkpoint needs no fp32 copy.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 def fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Run a conditioning Linear with autocast off: in fp32 for fp32 (or fp8) weights, else in the weight dtype."""
-    dtype = layer.weight.dtype
-    compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    """Run a conditioning Linear with autocast off, in fp32 (see :class:`FP32Linear`)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return layer(x.to(compute)).float()
+        return layer(x.float()).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -134,8 +145,8 @@ class TimeEmbeddings(nn.Module):
     def __init__(self, model_dim: int, time_dim: int):
         super().__init__()
         self.model_dim = model_dim
-        self.in_layer = nn.Linear(model_dim, time_dim)
-        self.out_layer = nn.Linear(time_dim, time_dim)
+        self.in_layer = FP32Linear(model_dim, time_dim)
+        self.out_layer = FP32Linear(time_dim, time_dim)
 
     def forward(self, time: torch.Tensor) -> torch.Tensor:
         args = torch.outer(time.float(), _freqs(self.model_dim // 2, time.device))
@@ -177,7 +188,7 @@ class Modulation(nn.Module):
 
     def __init__(self, time_dim: int, model_dim: int, num_params: int):
         super().__init__()
-        self.out_layer = nn.Linear(time_dim, num_params * model_dim)
+        self.out_layer = FP32Linear(time_dim, num_params * model_dim)
         nn.init.zeros_(self.out_layer.weight)
         nn.init.zeros_(self.out_layer.bias)
 

@@ -5,7 +5,9 @@ Every loader, converter and memory estimate asks :func:`param_dtype`; nothing el
 =================================================  ==============  =============================================
 parameters                                         bf16 run        fp8 run (``--fp8_base``)
 =================================================  ==============  =============================================
-``time_embeddings.*`` and every ``*modulation.*``  fp32            fp32 (the official model computes them in fp32)
+``time_embeddings.*`` and every ``*modulation.*``  as stored      as stored: bf16/fp16/fp32 as in the checkpoint
+                                                   (fp32 if       (never rounded); computed in fp32 with
+                                                   unknown)       autocast off, as the official model does
 block attention q/k/v/out + FFN in/out weights     run dtype       ``float8_e4m3fn`` + fp32 ``scale_weight``
                                                                    of shape (out, in/64, 1)
 biases of those linears                            run dtype       run dtype
@@ -14,8 +16,12 @@ embeddings, q/k RMSNorm weights, output layer)
 LoRA parameters (``networks.lora``)                fp32            fp32
 =================================================  ==============  =============================================
 
-"run dtype" is the ``dtype`` given to the loader (bf16 in practice, fp32 in CPU tests).  The fp32 rows are ~12 % of
-Pro's parameters (2.38 B: 2.27 B of them are the 60 visual modulation linears), so they cost 9.5 GB in fp32.
+"run dtype" is the ``dtype`` given to the loader (bf16 in practice, fp32 in CPU tests).  The conditioning rows are
+~12 % of Pro's parameters (2.38 B: 2.27 B of them are the 60 visual modulation linears).  The official model stores
+them as the checkpoint has them and computes them in fp32 (``autocast(fp32)`` upcasts the weights), so we do the
+same: a bf16 checkpoint keeps them in bf16 (4.8 GB on Pro) and the DiT's ``FP32Linear`` upcasts at use, which is
+bit-for-bit the official computation and saves 4.8 GB against storing fp32 copies; an fp32 checkpoint keeps fp32.
+When the stored dtype is unknown (a plan made without a file) the policy assumes fp32, the upper bound.
 
 The fp8 set (:data:`FP8_LINEAR`) is exactly the linears that hold the FLOPs and the bytes: 16.9 B of Pro's 19.3 B
 parameters.  Embeddings, modulation, norms and the output layer stay in high precision (they are small, and the
@@ -32,8 +38,8 @@ import torch
 
 __all__ = ["FP32_PARAMS", "FP8_LINEAR", "FP8_DTYPE", "SCALE_DTYPE", "LORA_DTYPE", "is_fp8_linear", "param_dtype"]
 
-# Stay fp32 whatever the run dtype: the time MLP and every modulation linear (official autocast(fp32); diffusers
-# _keep_in_fp32_modules).
+# Conditioning weights: the time MLP and every modulation linear.  Never rounded to the run dtype; computed in fp32
+# (official autocast(fp32); diffusers _keep_in_fp32_modules).
 FP32_PARAMS = re.compile(r"(^time_embeddings\.|modulation\.)")
 
 # Module paths (not keys) of the block linears stored in fp8 under --fp8_base.
@@ -52,8 +58,14 @@ def is_fp8_linear(module_path: str) -> bool:
     return FP8_LINEAR.match(module_path) is not None
 
 
-def param_dtype(key: str, dtype: torch.dtype, fp8: bool = False) -> torch.dtype:
-    """Storage dtype of state-dict entry ``key`` in a run with weight dtype ``dtype`` (fp8 policy when ``fp8``)."""
+_KEEP_AS_STORED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def param_dtype(key: str, dtype: torch.dtype, fp8: bool = False, stored: torch.dtype | None = None) -> torch.dtype:
+    """Storage dtype of state-dict entry ``key`` in a run with weight dtype ``dtype`` (fp8 policy when ``fp8``).
+
+    ``stored`` is the dtype of the tensor in the checkpoint, when known (it decides the conditioning weights).
+    """
     module, _, leaf = key.rpartition(".")
     if fp8 and is_fp8_linear(module):
         if leaf == "weight":
@@ -62,4 +74,6 @@ def param_dtype(key: str, dtype: torch.dtype, fp8: bool = False) -> torch.dtype:
             return SCALE_DTYPE
     if leaf == "scale_weight":  # a pre-quantised file's scale: always fp32 in memory
         return SCALE_DTYPE
-    return torch.float32 if FP32_PARAMS.search(key) else dtype
+    if FP32_PARAMS.search(key):
+        return stored if stored in _KEEP_AS_STORED else torch.float32
+    return dtype

@@ -155,7 +155,9 @@ def load_dit(
         if transform is not None:
             state.update(transform.fn(key, tensor))
             continue
-        target = meta_sd[key].dtype if tensor.dtype == torch.float8_e4m3fn else param_dtype(key, dtype)
+        target = (
+            meta_sd[key].dtype if tensor.dtype == torch.float8_e4m3fn else param_dtype(key, dtype, stored=tensor.dtype)
+        )
         state[key] = tensor.to(device=device, dtype=target)
     dit.load_state_dict(state, strict=True, assign=True)
     log.info("loaded DiT %s for %s: %d tensors, weights %s (time/modulation fp32)", path, task.name, len(state), dtype)

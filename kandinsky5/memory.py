@@ -46,7 +46,7 @@ from kandinsky5.configs import TaskConfig
 from kandinsky5.dit import AttentionSpec, DiT
 from kandinsky5.dtype_policy import FP8_DTYPE, SCALE_DTYPE, param_dtype
 from kandinsky5.loading import LoadTransform, checkpoint_files, load_dit, read_header
-from kandinsky5.memory_plan import MemoryPlan, max_blocks_to_swap, memory_plan, streamed_block_names
+from kandinsky5.memory_plan import MemoryPlan, max_blocks_to_swap, memory_plan, stored_dtypes, streamed_block_names
 
 __all__ = [
     "MemoryConfig",
@@ -267,7 +267,7 @@ def _load_transform(quantize: set[str], streamed: list[str], device: torch.devic
             return {key: place(q, key), f"{module}.scale_weight": place(scale, f"{module}.scale_weight")}
         if tensor.dtype.itemsize == 1 and tensor.dtype != FP8_DTYPE:
             raise UserError(f"{key} is {tensor.dtype}; only float8_e4m3fn fp8 checkpoints are supported")
-        target = tensor.dtype if tensor.dtype == FP8_DTYPE else param_dtype(key, dtype)
+        target = tensor.dtype if tensor.dtype == FP8_DTYPE else param_dtype(key, dtype, stored=tensor.dtype)
         target = SCALE_DTYPE if leaf == "scale_weight" else target
         return {key: place(tensor.to(target), key)}
 
@@ -297,7 +297,7 @@ def build_dit(
 
     convert(meta)
     streamed = streamed_block_names(meta, memory.blocks_to_swap)
-    plan = memory_plan(meta, dtype, memory.blocks_to_swap)
+    plan = memory_plan(meta, dtype, memory.blocks_to_swap, stored=stored_dtypes(header))
     log.info("memory: %s", memory.describe())
     log.info("memory plan for %s (weights, %s):\n%s", task.name, str(dtype).removeprefix("torch."), plan.table())
     transform = _load_transform(quantize, streamed, device, dtype, memory)

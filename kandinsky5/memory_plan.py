@@ -36,6 +36,7 @@ __all__ = [
     "max_blocks_to_swap",
     "streamed_block_names",
     "storage_dtype",
+    "stored_dtypes",
 ]
 
 STAGING = 2  # streamed blocks resident at once: the one computing and the one being copied
@@ -66,13 +67,21 @@ def streamed_block_names(dit: nn.Module, blocks_to_swap: int) -> list[str]:
     return block_names(dit)[-(blocks_to_swap + STAGING) :]
 
 
-def storage_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": FP8_DTYPE}
+
+
+def stored_dtypes(header: dict) -> dict[str, torch.dtype]:
+    """key -> checkpoint dtype, from ``loading.read_header`` output (key -> (shape, dtype string, file))."""
+    return {k: _SAFETENSORS_DTYPES[v[1]] for k, v in header.items() if v[1] in _SAFETENSORS_DTYPES}
+
+
+def storage_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype, stored: dict | None = None) -> torch.dtype:
     """The dtype ``key`` is stored in: fp8 layers keep their meta dtypes, everything else follows the policy."""
     if tensor.dtype == FP8_DTYPE:
         return FP8_DTYPE
     if key.endswith(".scale_weight"):
         return SCALE_DTYPE
-    return param_dtype(key, dtype)
+    return param_dtype(key, dtype, stored=(stored or {}).get(key))
 
 
 @dataclass(frozen=True)
@@ -118,17 +127,23 @@ def _fmt(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
 
 
-def memory_plan(dit: nn.Module, dtype: torch.dtype, blocks_to_swap: int = 0) -> MemoryPlan:
-    """Weight bytes implied by the flags, from a (meta) model already converted to fp8 if fp8 is on."""
+def memory_plan(
+    dit: nn.Module, dtype: torch.dtype, blocks_to_swap: int = 0, stored: dict[str, torch.dtype] | None = None
+) -> MemoryPlan:
+    """Weight bytes implied by the flags, from a (meta) model already converted to fp8 if fp8 is on.
+
+    ``stored`` (key -> checkpoint dtype, see :func:`stored_dtypes`) lets the plan count the conditioning weights in
+    the precision they will really have; without it they count as fp32 (the upper bound).
+    """
     streamed = streamed_block_names(dit, blocks_to_swap)
     prefixes = tuple(f"{n}." for n in streamed)
     per_block: dict[str, int] = defaultdict(int)
     gpu_fp8 = gpu_hp = params = baseline = 0
     for key, t in dit.state_dict().items():
-        nbytes = t.numel() * storage_dtype(key, t, dtype).itemsize
+        nbytes = t.numel() * storage_dtype(key, t, dtype, stored).itemsize
         if not key.endswith(".scale_weight"):
             params += t.numel()
-            baseline += t.numel() * param_dtype(key, dtype).itemsize
+            baseline += t.numel() * param_dtype(key, dtype, stored=(stored or {}).get(key)).itemsize
         if prefixes and key.startswith(prefixes):
             per_block[key[: key.index(".", key.index(".") + 1)]] += nbytes
         elif t.dtype == FP8_DTYPE or key.endswith(".scale_weight"):

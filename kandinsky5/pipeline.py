@@ -50,6 +50,7 @@ from tqdm import tqdm
 from kandinsky5 import flow
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
+from kandinsky5.dtype_policy import FP8_DTYPE, FP32_PARAMS
 from kandinsky5.prompts import PromptLine
 from kandinsky5.text_encoders import TextEmbeds, TextEncoder
 from kandinsky5.vae import VideoVAE
@@ -201,12 +202,13 @@ def normalize_first_frame(latents: torch.Tensor, reference_frames: int = 5) -> t
 
 
 def _placement(dit: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device of the DiT's first parameter, and its compute dtype: bf16/fp16 if any weight has it, else fp32
-    (fp8 weights are dequantised by their layers; the time/modulation weights are always fp32)."""
-    params = list(dit.parameters())
-    dtypes = {p.dtype for p in params}
-    compute = next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), torch.float32)
-    return params[0].device, compute
+    """Device and compute dtype of the DiT: the dtype of its first weight that the dtype policy stores in the run
+    dtype (fp8 layers dequantise themselves; time/modulation weights keep the checkpoint's precision and compute in
+    fp32, so neither says what the run dtype is)."""
+    params = list(dit.named_parameters())
+    run = [p for n, p in params if p.dtype != FP8_DTYPE and not FP32_PARAMS.search(n)]
+    first = (run or [p for _, p in params])[0]
+    return first.device, first.dtype
 
 
 def _cfg_text(cond: TextEmbeds, uncond: TextEmbeds | None, guidance: float) -> TextEmbeds:

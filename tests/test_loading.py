@@ -30,12 +30,38 @@ def test_load_roundtrip_bf16_and_dtype_policy(ckpt):
     dit = load_dit(TASK, path, dtype=torch.bfloat16)
     sd = dit.state_dict()
     for key, value in ref.state_dict().items():
-        assert sd[key].dtype == param_dtype(key, torch.bfloat16)
+        assert sd[key].dtype == param_dtype(key, torch.bfloat16, stored=torch.bfloat16)
         torch.testing.assert_close(sd[key].float(), value.to(torch.bfloat16).float(), rtol=0, atol=0)
-    assert sd["visual_transformer_blocks.0.visual_modulation.out_layer.weight"].dtype == torch.float32
-    assert sd["time_embeddings.in_layer.weight"].dtype == torch.float32
+    # conditioning weights keep the checkpoint's precision: no fp32 copy of a bf16 file
+    assert sd["visual_transformer_blocks.0.visual_modulation.out_layer.weight"].dtype == torch.bfloat16
+    assert sd["time_embeddings.in_layer.weight"].dtype == torch.bfloat16
     assert sd["visual_transformer_blocks.0.feed_forward.in_layer.weight"].dtype == torch.bfloat16
     assert not any(p.is_meta for p in dit.parameters())
+
+
+def test_fp32_checkpoint_keeps_fp32_conditioning_in_a_bf16_run(tmp_path):
+    dit = randomize_(DiT(TASK.dit), seed=4)
+    path = tmp_path / "fp32.safetensors"
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(path))
+    sd = load_dit(TASK, path, dtype=torch.bfloat16).state_dict()
+    assert sd["visual_transformer_blocks.0.visual_modulation.out_layer.weight"].dtype == torch.float32
+    assert sd["time_embeddings.out_layer.bias"].dtype == torch.float32
+    assert sd["visual_transformer_blocks.0.feed_forward.in_layer.weight"].dtype == torch.bfloat16
+
+
+def test_bf16_stored_conditioning_is_computed_in_fp32():
+    """A bf16-stored modulation gives exactly the fp32 computation on its (bf16-representable) weights."""
+    dit = randomize_(DiT(TASK.dit), seed=5)
+    layer = dit.visual_transformer_blocks[0].visual_modulation
+    with torch.no_grad():
+        layer.out_layer.weight.copy_(layer.out_layer.weight.to(torch.bfloat16).float())
+        layer.out_layer.bias.copy_(layer.out_layer.bias.to(torch.bfloat16).float())
+    t = torch.randn(2, TASK.dit.time_dim)
+    expected = layer(t)
+    layer.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(t)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
 
 
 def test_comfy_prefix_is_stripped(tmp_path, ckpt):
