@@ -291,6 +291,23 @@ def _check_lora_fits(path: str, sd: dict[str, torch.Tensor], dit: torch.nn.Modul
         )
 
 
+def _warn_lora_settings(path: str, metadata: dict, task: TaskConfig, scheduler_scale: float | None) -> None:
+    """Warn (once per file) when a LoRA was trained for the other mode (T2V/I2V) or another scheduler scale."""
+    trained_task = metadata.get("k5_task")
+    if trained_task:
+        trained_i2v = "i2v" in trained_task
+        if trained_i2v != task.is_i2v:
+            log.warning("LoRA %s was trained on %s (%s) and is used with %s (%s)", path, trained_task,
+                        "I2V" if trained_i2v else "T2V", task.name, "I2V" if task.is_i2v else "T2V")  # fmt: skip
+    trained_scale = metadata.get("k5_scheduler_scale")
+    used = task.scheduler_scale if scheduler_scale is None else scheduler_scale
+    if trained_scale and float(trained_scale) != float(used):
+        log.warning(
+            "LoRA %s was trained with --scheduler_scale %s; sampling uses %s (pass --scheduler_scale %s to match)",
+            path, trained_scale, used, trained_scale,
+        )  # fmt: skip
+
+
 def _apply_loras(dit: torch.nn.Module, args: argparse.Namespace, task: TaskConfig, device) -> list:
     """Merge (or attach, in runtime mode) every --lora_weight; returns the runtime networks (keep them alive)."""
     from networks.lora_kandinsky import create_network_from_weights, load_lora_state_dict
@@ -302,6 +319,7 @@ def _apply_loras(dit: torch.nn.Module, args: argparse.Namespace, task: TaskConfi
         except ValueError as exc:
             raise UserError(f"LoRA {path} could not be read: {exc}") from None
         _check_lora_fits(path, sd, dit, task)
+        _warn_lora_settings(path, metadata, task, args.scheduler_scale)
         network = create_network_from_weights(mult, sd, dit, for_inference=True, metadata=metadata)
         if args.lora_mode == "merge":
             network.merge_into(dit)

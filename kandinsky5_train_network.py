@@ -144,6 +144,7 @@ def _add_timestep_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of the normal draw (sigmoid, shift)")
     g.add_argument("--logit_mean", type=float, default=0.0, help="mean of logsnr / sigma(logit_normal)")
     g.add_argument("--logit_std", type=float, default=1.0, help="std of logsnr / sigma(logit_normal)")
+    g.add_argument("--mode_scale", type=float, default=1.29, help="scale of sigma(mode), in (-1, 1.75)")
     g.add_argument("--min_timestep", type=float, default=0.0, help="lower bound of 1000*t (all modes)")
     g.add_argument("--max_timestep", type=float, default=1000.0, help="upper bound of 1000*t (all modes)")
 
@@ -202,7 +203,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     try:
         timesteps = flow.TimestepConfig(
             mode=args.timestep_sampling, shift=args.discrete_flow_shift, sigmoid_scale=args.sigmoid_scale,
-            logit_mean=args.logit_mean, logit_std=args.logit_std,
+            logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
             weighting_scheme="uniform" if args.weighting_scheme == "none" else args.weighting_scheme,
             min_timestep=args.min_timestep, max_timestep=args.max_timestep,
         )  # fmt: skip
@@ -322,6 +323,8 @@ def setup(cfg: TrainConfig, ctx: training.DistContext):
     from kandinsky5.loading import file_fingerprint
     from kandinsky5.memory import build_dit
 
+    if cfg.sample.enabled:
+        training.sample_requests(cfg.task, cfg.sample.prompts)  # a bad prompt file fails now, not at the first sample
     seed = training.broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
     items = discover_items(load_dataset_config(cfg.dataset_config), cfg.task)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)

@@ -160,7 +160,8 @@ def load_dit(
         )
         state[key] = tensor.to(device=device, dtype=target)
     dit.load_state_dict(state, strict=True, assign=True)
-    log.info("loaded DiT %s for %s: %d tensors, weights %s (time/modulation fp32)", path, task.name, len(state), dtype)
+    log.info("loaded DiT %s for %s: %d tensors, weights %s (time/modulation as stored)", path, task.name, len(state),
+             dtype)  # fmt: skip
     return dit
 
 

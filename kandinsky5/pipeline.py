@@ -260,8 +260,8 @@ def sample_latents(
     x = (initial_noise(spec, len(cond)) if noise is None else noise.float()).to(device)
     first = None if first_latent is None else first_latent.to(device, torch.float32)
     last = None if last_latent is None else last_latent.to(device, torch.float32)
-    if last is not None and x.shape[1] < 2:
-        raise ValueError("a last-frame latent needs at least 2 latent frames (5 video frames)")
+    if last is not None and x.shape[1] < 3:
+        raise ValueError("a last-frame latent needs at least 3 latent frames (9 video frames)")
     text = _cfg_text(cond, uncond, spec.guidance).to(device, dtype)
     sigmas = flow.sampling_sigmas(spec.steps, spec.scheduler_scale)
     visual_cond = dit.config.visual_cond
@@ -384,8 +384,11 @@ def check_request(task: TaskConfig, request: GenerationRequest) -> None:
         raise UserError(f"task {task.name} is image-to-video: pass an input image with --image (--i)")
     if request.image_last is not None and request.image is None:
         raise UserError("--image_last needs --image too (first+last frame conditioning)")
-    if request.image_last is not None and request.spec.frames < 5:
-        raise UserError("--image_last needs at least 5 video frames")
+    if request.image_last is not None and request.spec.frames < 9:
+        raise UserError(
+            f"--image_last needs at least 9 video frames (3 latent frames: first, generated, last); got "
+            f"{request.spec.frames}"
+        )
     for what, path in (("--image", request.image), ("--image_last", request.image_last)):
         if path is not None and not Path(path).is_file():
             raise UserError(f"{what} {path} does not exist")

@@ -528,6 +528,23 @@ def save_and_rotate(run: Run, kind: str, number: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def sample_requests(task: TaskConfig, prompts: Path) -> list[pipeline.GenerationRequest]:
+    """Parse and check the ``--sample_prompts`` file (no model needed); errors name the flag, file and line.
+
+    The trainer calls this at start-up, before the DiT loads, so a bad prompt file fails in seconds, not at the
+    first sample after hours of training.
+    """
+    if not Path(prompts).is_file():
+        raise UserError(f"--sample_prompts {prompts} does not exist")
+    requests = []
+    for line in read_prompt_file(prompts):
+        try:
+            requests.append(pipeline.request_from_line(task, line))
+        except UserError as exc:
+            raise UserError(f"--sample_prompts {prompts}: prompt {line.prompt[:40]!r}: {exc}") from None
+    return requests
+
+
 class TrainingSampler:
     """Prompts from ``--sample_prompts`` encoded once (text encoders then freed), images encoded once; each call
     denoises with the current LoRA, decodes with the VAE and writes ``<output_dir>/sample/<name>_<step>_<i>.mp4``.
@@ -551,7 +568,7 @@ class TrainingSampler:
 
     def prepare(self) -> None:
         """Read the prompt file, encode every prompt and image now (text encoders are released afterwards)."""
-        requests = [pipeline.request_from_line(self.task, line) for line in read_prompt_file(self.cfg.sample.prompts)]
+        requests = sample_requests(self.task, self.cfg.sample.prompts)
         self.prepared = [self.pipeline.prepare(r) for r in requests]
         self.pipeline.encode_prompts(p.request for p in self.prepared)
         self.pipeline.release_text_encoder()

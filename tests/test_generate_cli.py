@@ -224,3 +224,17 @@ def test_seed_inference_command_runs_as_written(tiny_bundle, lora_file, tmp_path
     assert frames.shape == (17, 128, 128, 3) and fps == 24
     assert meta["negative_prompt"] == "low quality, artifacts" and meta["scheduler_scale"] == "10.0"
     assert meta["loras"] == '{"lora.safetensors": 1.0}'
+
+
+def test_lora_trained_with_other_settings_warns(tiny_bundle, tmp_path, caplog):
+    from kandinsky5.dit import DiT
+    from networks.lora_kandinsky import create_network, save_lora
+
+    path = tmp_path / "i2v_lora.safetensors"
+    save_lora(path, create_network(1.0, 4, 4, DiT(TINY_DIT)), {"k5_task": "k5-tiny-i2v", "k5_scheduler_scale": "7.5"})
+    with caplog.at_level("WARNING"):
+        assert _run(tiny_bundle, "--prompt", "a red ball", *SMALL, "--save_latents", tmp_path / "x.safetensors",
+                    "--lora_weight", path) == 0  # fmt: skip
+    text = caplog.text
+    assert "trained on k5-tiny-i2v (I2V) and is used with k5-tiny-t2v (T2V)" in text
+    assert "trained with --scheduler_scale 7.5; sampling uses 5.0" in text

@@ -174,6 +174,7 @@ def test_documented_errors(tiny_bundle, toy, tmp_path, capsys):
         (["--sample_prompts", "p.txt"], "needs --text_encoder_qwen"),
         (["--timestep_sampling", "shift", "--min_timestep", "900", "--max_timestep", "100"], "min_timestep"),
         (["--save_every_n_steps", "0"], "--save_every_n_steps must be >= 1"),
+        (["--timestep_sampling", "sigma", "--weighting_scheme", "mode", "--mode_scale", "3"], "mode_scale"),
         (["--optimizer_type", "adamx"], "unknown --optimizer_type 'adamx'"),
         (["--lr_scheduler", "cosine_restarts"], "unknown --lr_scheduler 'cosine_restarts'"),
         (["--network_args", "include_patterns=['nothing_matches']"], "matches no Linear module"),
@@ -184,6 +185,28 @@ def test_documented_errors(tiny_bundle, toy, tmp_path, capsys):
     wrong_task = base_args(tiny_bundle, toy, out, task="k5-lite-t2v-5s-sd")
     assert train(wrong_task) == 1
     assert "kandinsky5_cache_text_encoder_outputs.py" in capsys.readouterr().err  # 64-wide text cache vs Lite
+
+
+def test_bad_sample_prompt_file_fails_before_training(tiny_bundle, toy, tmp_path, capsys):
+    """Sample prompts are parsed and checked at start-up: no step runs and nothing is written."""
+    encoders = ["--text_encoder_qwen", str(tiny_bundle / "text_encoder"), "--text_encoder_clip",
+                str(tiny_bundle / "text_encoder2"), "--vae", str(tiny_bundle / "vae")]  # fmt: skip
+    prompts = tmp_path / "prompts.txt"
+    cases = [
+        ("a cat --zz 1", f"{prompts}:1: unknown option --zz"),
+        ("a cat --f 8", r"--frames must be 4k\+1"),
+        (None, f"--sample_prompts {tmp_path / 'missing.txt'} does not exist"),
+    ]
+    for line, message in cases:
+        out = tmp_path / "out"
+        path = prompts if line is not None else tmp_path / "missing.txt"
+        if line is not None:
+            prompts.write_text(line + "\n")
+        extra = ["--sample_prompts", str(path), "--sample_every_n_steps", "1"]
+        assert train(base_args(tiny_bundle, toy, out) + encoders + extra) == 1
+        err = capsys.readouterr().err
+        assert pytest.importorskip("re").search(message, err), err
+        assert "training:" not in err and not out.exists()
 
 
 def test_nan_stops_with_the_last_good_checkpoint_untouched(tiny_bundle, toy, tmp_path, capsys):
