@@ -322,6 +322,7 @@ def setup(cfg: TrainConfig, ctx: training.DistContext):
     from dataset.latent_dataset import BucketBatchSampler, LatentDataset, collate, discover_items
     from kandinsky5.loading import file_fingerprint
     from kandinsky5.memory import build_dit
+    from kandinsky5.nabla import check_geometry
 
     if cfg.sample.enabled:
         training.sample_requests(cfg.task, cfg.sample.prompts)  # a bad prompt file fails now, not at the first sample
@@ -331,6 +332,9 @@ def setup(cfg: TrainConfig, ctx: training.DistContext):
     per_epoch = math.ceil(sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
     total = cfg.total_steps(per_epoch)
     _log_setup(cfg, ctx, items, total, per_epoch)
+    if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
+        for _, h, w in sorted({i.shape for i in items}):
+            check_geometry(h // 2, w // 2)
     dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True)
     dit.requires_grad_(False)
     seed_everything(seed)  # the same LoRA init on every rank (broadcast below as well)

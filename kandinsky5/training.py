@@ -453,6 +453,17 @@ class Run:
         return [p for p in self.network.parameters() if p.requires_grad]
 
 
+def _recompute_lr(scheduler) -> None:
+    """Set the learning rate of the restored step from *this* run's schedule (its length may have changed since the
+    state was saved; the saved optimizer still holds the old schedule's last value).  Same schedule: same value."""
+    if type(scheduler) is not torch.optim.lr_scheduler.LambdaLR:  # other schedulers keep their saved state as is
+        return
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def resume_run(run: Run, path: Path) -> None:
     """Restore LoRA, optimizer, schedule, progress and this rank's RNG from a state directory."""
     meta, network_sd, opt_sd, sched_sd, rng = read_state_dir(path)
@@ -464,6 +475,7 @@ def resume_run(run: Run, path: Path) -> None:
     run.network.load_state_dict(network_sd)
     run.optimizer.load_state_dict(opt_sd)
     run.scheduler.load_state_dict(sched_sd)
+    _recompute_lr(run.scheduler)
     restore_rng(rng[run.ctx.rank], run.generator)
     run.seed, run.last_checkpoint = meta["seed"], path
     run.progress = Progress(meta["step"], meta["epoch"], meta["batches_in_epoch"])

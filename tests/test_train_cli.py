@@ -261,3 +261,11 @@ def test_i2v_first_last_training_runs_and_records_the_mode(tiny_bundle, toy, tmp
     assert train(args) == 0
     _, meta = load_lora_state_dict(out / "lora.safetensors")
     assert meta["k5_i2v_mode"] == "first_last" and meta["k5_format"] == "musubi"
+
+
+def test_nabla_geometry_is_checked_before_the_dit_loads(tiny_bundle, tmp_path, capsys, caplog):
+    toml = write_toy_cache(tmp_path / "odd", n_items=2, size=12)  # latent 12x12 -> 96 px: not a multiple of 128
+    with caplog.at_level("INFO"):
+        assert train(base_args(tiny_bundle, toml, tmp_path / "out") + ["--force_nabla_attention"]) == 1
+    assert "multiples of 128" in capsys.readouterr().err
+    assert "loaded DiT" not in caplog.text

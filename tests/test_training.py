@@ -436,3 +436,30 @@ def test_rotation_keeps_the_newest_checkpoints(tmp_path):
         "lora-step00000006-state", "lora-step00000006.safetensors", "lora-step00000008-state",
         "lora-step00000008.safetensors", "lora-step00000010.safetensors",
     ]  # fmt: skip
+
+
+def test_resume_with_a_longer_schedule_uses_the_new_schedule_at_once():
+    from transformers import get_scheduler
+
+    from kandinsky5.training import _recompute_lr
+
+    def sched(total):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        return opt, get_scheduler("cosine", opt, num_warmup_steps=1, num_training_steps=total)
+
+    opt6, s6 = sched(6)
+    for _ in range(6):
+        opt6.step()
+        s6.step()
+    opt10, s10 = sched(10)
+    opt10.load_state_dict(opt6.state_dict())
+    s10.load_state_dict(s6.state_dict())
+    assert opt10.param_groups[0]["lr"] == 0.0  # the 6-step schedule's last value came back with the state
+    _recompute_lr(s10)
+    _, fresh = sched(10)
+    for _ in range(6):
+        fresh.step()
+    assert (
+        opt10.param_groups[0]["lr"] == pytest.approx(fresh.get_last_lr()[0])
+        and s10.get_last_lr() == fresh.get_last_lr()
+    )
