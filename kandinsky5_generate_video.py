@@ -251,7 +251,7 @@ def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
     if not args.dit:
         raise UserError("--dit is required (the task fixes the architecture, not the weights)")
     checkpoint_files(args.dit)
-    _lora_multipliers(args)
+    args.lora_multiplier = _lora_multipliers(args)  # one value per file from here on (the warning is said once)
     for path in args.lora_weight:
         if not Path(path).is_file():
             raise UserError(f"--lora_weight {path} does not exist")
