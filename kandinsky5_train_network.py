@@ -324,8 +324,8 @@ def setup(cfg: TrainConfig, ctx: training.DistContext):
     from kandinsky5.memory import build_dit
     from kandinsky5.nabla import check_geometry
 
-    if cfg.sample.enabled:
-        training.sample_requests(cfg.task, cfg.sample.prompts)  # a bad prompt file fails now, not at the first sample
+    # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
+    requests = training.sample_requests(cfg.task, cfg.sample.prompts) if cfg.sample.enabled else []
     seed = training.broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
     items = discover_items(load_dataset_config(cfg.dataset_config), cfg.task)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)
@@ -347,6 +347,8 @@ def setup(cfg: TrainConfig, ctx: training.DistContext):
     generator = torch.Generator(ctx.device).manual_seed(seed * 1009 + ctx.rank)
     run = Run(cfg, ctx, dit, network, module, optimizer, scheduler, generator, seed, total, len(items),
               file_fingerprint(cfg.dit_path))  # fmt: skip
+    if requests and ctx.is_main:  # only rank 0 samples; the encoders load lazily, at the first sample
+        run.sampler = training.TrainingSampler(cfg, ctx.device, requests)
     loader = DataLoader(
         LatentDataset(items, with_image=cfg.task.is_i2v),
         batch_sampler=sampler,
@@ -366,9 +368,7 @@ def setup(cfg: TrainConfig, ctx: training.DistContext):
 
 def sample(run: Run) -> None:
     """Rank 0 writes the sample videos; the other ranks wait."""
-    if run.cfg.sample.enabled and run.ctx.is_main:
-        if run.sampler is None:
-            run.sampler = training.TrainingSampler(run.cfg, run.ctx.device)
+    if run.sampler is not None:
         run.sampler(run.dit, run.network, run.progress.step, run.generator)
     run.ctx.barrier()
 

@@ -36,7 +36,16 @@ import re
 
 import torch
 
-__all__ = ["FP32_PARAMS", "FP8_LINEAR", "FP8_DTYPE", "SCALE_DTYPE", "LORA_DTYPE", "is_fp8_linear", "param_dtype"]
+__all__ = [
+    "FP32_PARAMS",
+    "FP8_LINEAR",
+    "FP8_DTYPE",
+    "SCALE_DTYPE",
+    "LORA_DTYPE",
+    "is_fp8_linear",
+    "param_dtype",
+    "load_dtype",
+]
 
 # Conditioning weights: the time MLP and every modulation linear.  Never rounded to the run dtype; computed in fp32
 # (official autocast(fp32); diffusers _keep_in_fp32_modules).
@@ -77,3 +86,8 @@ def param_dtype(key: str, dtype: torch.dtype, fp8: bool = False, stored: torch.d
     if FP32_PARAMS.search(key):
         return stored if stored in _KEEP_AS_STORED else torch.float32
     return dtype
+
+
+def load_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """Dtype a checkpoint tensor is converted to while loading: fp8 tensors stay fp8, the rest follow the policy."""
+    return FP8_DTYPE if tensor.dtype == FP8_DTYPE else param_dtype(key, dtype, stored=tensor.dtype)

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.dit import AttentionSpec, DiT
-from kandinsky5.dtype_policy import FP32_PARAMS, param_dtype
+from kandinsky5.dtype_policy import FP32_PARAMS, load_dtype, param_dtype
 
 __all__ = [
     "load_dit",
@@ -145,8 +145,7 @@ def load_dit(
         dit = DiT(task.dit, attention)
     if convert is not None:
         convert(dit)
-    meta_sd = dit.state_dict()
-    expected = {k: tuple(v.shape) for k, v in meta_sd.items()}
+    expected = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
     found = read_header(files)
     made = {k: (expected[k], "made by transform", None) for k in (transform.adds if transform else ()) if k in expected}
     _check_fit(task, expected, {**made, **found}, str(path))
@@ -155,10 +154,7 @@ def load_dit(
         if transform is not None:
             state.update(transform.fn(key, tensor))
             continue
-        target = (
-            meta_sd[key].dtype if tensor.dtype == torch.float8_e4m3fn else param_dtype(key, dtype, stored=tensor.dtype)
-        )
-        state[key] = tensor.to(device=device, dtype=target)
+        state[key] = tensor.to(device=device, dtype=load_dtype(key, tensor, dtype))
     dit.load_state_dict(state, strict=True, assign=True)
     log.info("loaded DiT %s for %s: %d tensors, weights %s (time/modulation as stored)", path, task.name, len(state),
              dtype)  # fmt: skip

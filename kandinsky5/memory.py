@@ -44,7 +44,7 @@ from kandinsky5.block_swap import BlockSwapper, disable_block_swap, enable_block
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.dit import AttentionSpec, DiT
-from kandinsky5.dtype_policy import FP8_DTYPE, SCALE_DTYPE, param_dtype
+from kandinsky5.dtype_policy import FP8_DTYPE, load_dtype
 from kandinsky5.loading import LoadTransform, checkpoint_files, load_dit, read_header
 from kandinsky5.memory_plan import MemoryPlan, max_blocks_to_swap, memory_plan, stored_dtypes, streamed_block_names
 
@@ -267,9 +267,7 @@ def _load_transform(quantize: set[str], streamed: list[str], device: torch.devic
             return {key: place(q, key), f"{module}.scale_weight": place(scale, f"{module}.scale_weight")}
         if tensor.dtype.itemsize == 1 and tensor.dtype != FP8_DTYPE:
             raise UserError(f"{key} is {tensor.dtype}; only float8_e4m3fn fp8 checkpoints are supported")
-        target = tensor.dtype if tensor.dtype == FP8_DTYPE else param_dtype(key, dtype, stored=tensor.dtype)
-        target = SCALE_DTYPE if leaf == "scale_weight" else target
-        return {key: place(tensor.to(target), key)}
+        return {key: place(tensor.to(load_dtype(key, tensor, dtype)), key)}
 
     return LoadTransform(fn, frozenset(f"{m}.scale_weight" for m in quantize))
 

@@ -564,8 +564,8 @@ class TrainingSampler:
     Global RNG states are restored afterwards, so sampling never changes the training trajectory.
     """
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.cfg, self.task = cfg, cfg.task
+    def __init__(self, cfg: TrainConfig, device: torch.device, requests: list[pipeline.GenerationRequest]):
+        self.cfg, self.task, self.requests = cfg, cfg.task, requests
         self.out_dir = cfg.save.output_dir / "sample"
         s = cfg.sample
         self.pipeline = pipeline.Kandinsky5Pipeline(
@@ -579,9 +579,8 @@ class TrainingSampler:
         self.prepared: list[pipeline.PreparedRequest] = []
 
     def prepare(self) -> None:
-        """Read the prompt file, encode every prompt and image now (text encoders are released afterwards)."""
-        requests = sample_requests(self.task, self.cfg.sample.prompts)
-        self.prepared = [self.pipeline.prepare(r) for r in requests]
+        """Encode every prompt and image now (text encoders are released afterwards)."""
+        self.prepared = [self.pipeline.prepare(r) for r in self.requests]
         self.pipeline.encode_prompts(p.request for p in self.prepared)
         self.pipeline.release_text_encoder()
         log.info("sampling: %d prompt(s) encoded once; videos go to %s", len(self.prepared), self.out_dir)
