@@ -48,7 +48,7 @@ from dataset.media import Clip, ClipPlan, MediaError, load_clips, nabla_resize, 
 from dataset.sources import Item, iter_items
 from kandinsky5.cli import add_config_file_arg, parse_args, run_main
 from kandinsky5.common import UserError, get_logger, parse_dtype, resolve_device
-from kandinsky5.vae import SCALING_FACTOR, VideoVAE
+from kandinsky5.model.vae import SCALING_FACTOR, VideoVAE
 
 log = get_logger("kandinsky5_cache_latents")
 

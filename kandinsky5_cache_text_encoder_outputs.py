@@ -35,7 +35,7 @@ from dataset.sources import Item, iter_items
 from kandinsky5.cli import add_config_file_arg, add_model_args, parse_args, run_main, task_from_args
 from kandinsky5.common import UserError, get_logger, parse_dtype, resolve_device
 from kandinsky5.configs import TaskConfig
-from kandinsky5.text_encoders import TextEncoder
+from kandinsky5.model.text_encoders import TextEncoder
 
 log = get_logger("kandinsky5_cache_text_encoder_outputs")
 

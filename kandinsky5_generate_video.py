@@ -7,7 +7,8 @@ Stages, in memory order (peak = the largest stage, not the sum): text encoders e
 -> VAE encodes the conditioning images -> DiT (fp8 / block swap from the flags, LoRAs merged or applied) samples ->
 the DiT is offloaded if asked -> VAE decodes -> ``.mp4`` (h264) or ``.png`` with the settings in its metadata.
 
-Layouts: see ``kandinsky5/pipeline.py``.  Latent files (``--save_latents`` / ``--decode_latents``) are safetensors
+Layouts: see ``kandinsky5/sampling/pipeline.py``.  Latent files (``--save_latents`` /
+``--decode_latents``) are safetensors
 with one tensor ``latents`` (1, T, h, w, 16) float32 and the generation settings as string metadata.
 
 Every flag is documented by ``--help`` and in ``docs/inference.md``.
@@ -35,9 +36,9 @@ from kandinsky5.cli import (
 )
 from kandinsky5.common import UserError, atomic_path, get_logger, parse_dtype, resolve_device
 from kandinsky5.configs import TaskConfig
-from kandinsky5.pipeline import GenerationRequest, GenerationResult, Kandinsky5Pipeline, request_from_line
-from kandinsky5.prompts import PromptLine, read_prompt_file
-from kandinsky5.video_io import check_writable, to_uint8_frames, write_image, write_video
+from kandinsky5.sampling.pipeline import GenerationRequest, GenerationResult, Kandinsky5Pipeline, request_from_line
+from kandinsky5.sampling.prompts import PromptLine, read_prompt_file
+from kandinsky5.sampling.video_io import check_writable, to_uint8_frames, write_image, write_video
 
 log = get_logger("kandinsky5_generate_video")
 
@@ -245,8 +246,8 @@ def _plan_outputs(args, requests: list[GenerationRequest]) -> tuple[list[Path | 
 
 def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
     """Everything about the DiT side that can be checked before any model is loaded -> (attention, memory)."""
-    from kandinsky5.loading import checkpoint_files
-    from kandinsky5.memory import memory_config_from_args
+    from kandinsky5.memory.build import memory_config_from_args
+    from kandinsky5.model.loading import checkpoint_files
 
     if not args.dit:
         raise UserError("--dit is required (the task fixes the architecture, not the weights)")
@@ -332,7 +333,7 @@ def _apply_loras(dit: torch.nn.Module, args: argparse.Namespace, task: TaskConfi
 
 
 def _load_dit(args: argparse.Namespace, task: TaskConfig, device, dtype, attention, memory):
-    from kandinsky5.memory import build_dit
+    from kandinsky5.memory.build import build_dit
 
     return build_dit(task, args.dit, device, dtype, attention, memory, training=False)
 
@@ -374,7 +375,7 @@ def _decode_only(args: argparse.Namespace) -> int:
     path = _media_path(args.output, 0, 1, frames_count)
     check_writable(path, args.overwrite)
     device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
-    from kandinsky5.vae import VideoVAE
+    from kandinsky5.model.vae import VideoVAE
 
     vae = VideoVAE.load(args.vae, device, dtype, tiling=args.vae_tiling)
     frames = to_uint8_frames(vae.decode(latents))[0]

@@ -4,10 +4,10 @@
         --dataset_config dataset.toml --network_module networks.lora_kandinsky --output_dir out --output_name lora ...
 
 Flow: command line (+ ``--config_file`` TOML) -> one frozen ``TrainConfig`` -> cached items checked -> DiT built
-(fp8 / block swap / checkpointing via ``kandinsky5.memory``) -> LoRA injected -> flat loop: batch -> loss ->
+(fp8 / block swap / checkpointing via ``kandinsky5.memory.build``) -> LoRA injected -> flat loop: batch -> loss ->
 backward -> (all-reduce) -> clip -> optimizer and LR step -> save / sample.  See ``docs/training.md``.
 
-Tensor layouts (``kandinsky5.training``): latents ``(B, T, h, w, 16)`` channels-last, DiT input ``(B, T, h, w, 33)``,
+Tensor layouts (``kandinsky5.train``): latents ``(B, T, h, w, 16)`` channels-last, DiT input ``(B, T, h, w, 33)``,
 text ``(B, L, D)`` + ``(B, L)`` mask, pooled ``(B, Dc)``, flow time ``t`` ``(B,)`` in [0, 1].
 
 Multi-GPU: ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun``); data is sharded per batch, LoRA
@@ -30,9 +30,22 @@ from types import ModuleType
 
 import torch
 
-from kandinsky5 import cli, flow, optim, training
+from kandinsky5 import cli
 from kandinsky5.common import UserError, get_logger, seed_everything
-from kandinsky5.training import I2V_MODES, SAVE_FORMATS, NetworkConfig, Run, SampleConfig, SaveConfig, TrainConfig
+from kandinsky5.model import flow
+from kandinsky5.train import optim
+from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
+from kandinsky5.train.distributed import (
+    DistContext,
+    broadcast_object,
+    broadcast_params_,
+    check_ranks_agree,
+    init_distributed,
+)
+from kandinsky5.train.objective import batch_to_device, flow_matching_loss
+from kandinsky5.train.run import Run, resume_run, save_and_rotate, save_checkpoint
+from kandinsky5.train.sampler import TrainingSampler, sample_requests
+from kandinsky5.train.step import NonFiniteLoss, StepStats, finish_step
 
 log = get_logger("kandinsky5.train")
 
@@ -186,7 +199,7 @@ def _mixed_precision(flag: str | None) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from kandinsky5.memory import memory_config_from_args
+    from kandinsky5.memory.build import memory_config_from_args
 
     _require(args, "task", "dit", "dataset_config", "output_dir", "output_name")
     task = cli.task_from_args(args)
@@ -314,19 +327,19 @@ def _log_setup(cfg: TrainConfig, ctx, items: list, total: int, per_epoch: int) -
     )  # fmt: skip
 
 
-def setup(cfg: TrainConfig, ctx: training.DistContext):
+def setup(cfg: TrainConfig, ctx: DistContext):
     """Check the caches, build DiT + LoRA + optimizer + schedule and the data loader."""
     from torch.utils.data import DataLoader
 
     from dataset.config import load_dataset_config
     from dataset.latent_dataset import BucketBatchSampler, LatentDataset, collate, discover_items
-    from kandinsky5.loading import file_fingerprint
-    from kandinsky5.memory import build_dit
-    from kandinsky5.nabla import check_geometry
+    from kandinsky5.memory.build import build_dit
+    from kandinsky5.model.loading import file_fingerprint
+    from kandinsky5.model.nabla import check_geometry
 
     # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
-    requests = training.sample_requests(cfg.task, cfg.sample.prompts) if cfg.sample.enabled else []
-    seed = training.broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
+    requests = sample_requests(cfg.task, cfg.sample.prompts) if cfg.sample.enabled else []
+    seed = broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
     items = discover_items(load_dataset_config(cfg.dataset_config), cfg.task)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)
     per_epoch = math.ceil(sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
@@ -340,7 +353,7 @@ def setup(cfg: TrainConfig, ctx: training.DistContext):
     seed_everything(seed)  # the same LoRA init on every rank (broadcast below as well)
     network, module = _build_network(cfg, dit)
     network.to(ctx.device)
-    training.broadcast_params_(ctx, network.parameters())
+    broadcast_params_(ctx, network.parameters())
     optimizer = optim.build_optimizer([p for p in network.parameters() if p.requires_grad], cfg.optimizer)
     scheduler = optim.build_scheduler(optimizer, cfg.scheduler, total)
     seed_everything(seed + ctx.rank)  # dropout masks differ per rank
@@ -348,7 +361,7 @@ def setup(cfg: TrainConfig, ctx: training.DistContext):
     run = Run(cfg, ctx, dit, network, module, optimizer, scheduler, generator, seed, total, len(items),
               file_fingerprint(cfg.dit_path))  # fmt: skip
     if requests and ctx.is_main:  # only rank 0 samples; the encoders load lazily, at the first sample
-        run.sampler = training.TrainingSampler(cfg, ctx.device, requests)
+        run.sampler = TrainingSampler(cfg, ctx.device, requests)
     loader = DataLoader(
         LatentDataset(items, with_image=cfg.task.is_i2v),
         batch_sampler=sampler,
@@ -376,7 +389,7 @@ def sample(run: Run) -> None:
 def after_step(run: Run) -> None:
     save, smp, step = run.cfg.save, run.cfg.sample, run.progress.step
     if save.every_n_steps and step % save.every_n_steps == 0 and step < run.total_steps:
-        training.save_and_rotate(run, "step", step)
+        save_and_rotate(run, "step", step)
     if smp.every_n_steps and step % smp.every_n_steps == 0:
         sample(run)
 
@@ -385,7 +398,7 @@ def after_epoch(run: Run, epoch: int) -> None:
     """``epoch`` counts finished epochs (1-based); the last one is covered by the final save."""
     save, smp = run.cfg.save, run.cfg.sample
     if save.every_n_epochs and epoch % save.every_n_epochs == 0 and run.progress.step < run.total_steps:
-        training.save_and_rotate(run, "epoch", epoch)
+        save_and_rotate(run, "epoch", epoch)
     if smp.every_n_epochs and epoch % smp.every_n_epochs == 0:
         sample(run)
 
@@ -398,22 +411,22 @@ def after_epoch(run: Run, epoch: int) -> None:
 def micro_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward + backward of one micro-batch: draw t and noise, flow-matching loss; returns the loss."""
     cfg, device = run.cfg, run.ctx.device
-    b = training.batch_to_device(batch, device)
+    b = batch_to_device(batch, device)
     t = flow.sample_timesteps(cfg.timesteps, b.latents.shape[0], generator=run.generator, device=device)
     noise = torch.randn(b.latents.shape, generator=run.generator, device=device, dtype=torch.float32)
     with torch.autocast(device.type, dtype=cfg.weight_dtype, enabled=cfg.autocast):
-        loss = training.flow_matching_loss(run.dit, b, t, noise, cfg.task.rope_scale, cfg.i2v_mode)
+        loss = flow_matching_loss(run.dit, b, t, noise, cfg.task.rope_scale, cfg.i2v_mode)
     (loss / cfg.gradient_accumulation_steps).backward()
     return loss.detach()
 
 
-def optimizer_step(run: Run, loss_sum: torch.Tensor, micro: int) -> training.StepStats:
+def optimizer_step(run: Run, loss_sum: torch.Tensor, micro: int) -> StepStats:
     """All-reduce, clip and step; a NaN/inf loss stops the run, leaving every saved file as it was."""
     cfg, p = run.cfg, run.progress
     try:
-        return training.finish_step(run.ctx, run.params, run.optimizer, run.scheduler, loss_sum, micro,
+        return finish_step(run.ctx, run.params, run.optimizer, run.scheduler, loss_sum, micro,
                                     cfg.max_grad_norm, grad_scale=cfg.gradient_accumulation_steps / micro)  # fmt: skip
-    except training.NonFiniteLoss as exc:
+    except NonFiniteLoss as exc:
         raise UserError(
             f"{exc} at step {p.step + 1}; last good checkpoint: {run.last_checkpoint or 'none written yet'}; lower "
             f"--learning_rate (now {cfg.optimizer.learning_rate:g}), keep --max_grad_norm at 1.0, or check the "
@@ -451,13 +464,13 @@ def _tracker(cfg: TrainConfig, ctx):
     return SummaryWriter(cfg.logging_dir / f"{cfg.save.output_name}_{time.strftime('%Y%m%d%H%M%S')}")
 
 
-def train(cfg: TrainConfig, ctx: training.DistContext) -> Path | None:
+def train(cfg: TrainConfig, ctx: DistContext) -> Path | None:
     """The whole run; returns the final LoRA (or state) path written by rank 0."""
     from tqdm import tqdm
 
     run, loader, sampler = setup(cfg, ctx)
     if cfg.resume is not None:
-        training.resume_run(run, cfg.resume)
+        resume_run(run, cfg.resume)
     tracker = _tracker(cfg, ctx)
     if cfg.sample.at_first:
         sample(run)
@@ -472,8 +485,8 @@ def train(cfg: TrainConfig, ctx: training.DistContext) -> Path | None:
             p.epoch, p.batches_in_epoch = p.epoch + 1, 0
             after_epoch(run, p.epoch)
     bar.close()
-    training.check_ranks_agree(ctx, run.params)
-    training.save_checkpoint(run, cfg.save.output_name, cfg.save.save_state)
+    check_ranks_agree(ctx, run.params)
+    save_checkpoint(run, cfg.save.output_name, cfg.save.save_state)
     if tracker is not None:
         tracker.close()
     return run.last_checkpoint
@@ -481,7 +494,7 @@ def train(cfg: TrainConfig, ctx: training.DistContext) -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(cli.parse_args(build_parser(), argv))
-    ctx = training.init_distributed()
+    ctx = init_distributed()
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the setup log, from rank 0
     try:

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kandinsky5.common import parse_dtype, resolve_device  # noqa: E402
 from kandinsky5.configs import LITE_DIT, PRO_DIT, TINY_DIT, DiTConfig, get_task  # noqa: E402
-from kandinsky5.dit import DiT  # noqa: E402
-from kandinsky5.fp8 import convert_to_fp8  # noqa: E402
-from kandinsky5.memory import MemoryConfig, build_dit, memory_plan  # noqa: E402
+from kandinsky5.memory.build import MemoryConfig, build_dit, memory_plan  # noqa: E402
+from kandinsky5.memory.fp8 import convert_to_fp8  # noqa: E402
 from kandinsky5.memory_plan import max_blocks_to_swap  # noqa: E402
+from kandinsky5.model.dit import DiT  # noqa: E402
 from networks.lora import LoRANetwork  # noqa: E402
 from networks.lora_kandinsky import DEFAULT_INCLUDE_PATTERNS  # noqa: E402
 

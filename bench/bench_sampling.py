@@ -3,7 +3,7 @@
     python bench/bench_sampling.py --quick            # CPU smoke run, a few seconds
     python bench/bench_sampling.py --model small --width 256 --height 256 --frames 17 --device cuda --dtype bfloat16
 
-A step is exactly what ``kandinsky5.pipeline.sample_latents`` does per step: build the 33-channel input
+A step is exactly what ``kandinsky5.sampling.pipeline.sample_latents`` does per step: build the 33-channel input
 (B, T, h, w, 33), run the DiT on the cond and negative texts (lengths differ: 40 and 24 tokens, so the batched call
 uses the text key mask), combine ``v_u + w (v_c - v_u)``, Euler update.  The DiT has random weights (its speed does
 not depend on them).  Prints a markdown table of seconds per step.
@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kandinsky5 import flow  # noqa: E402
 from kandinsky5.common import parse_dtype, resolve_device  # noqa: E402
 from kandinsky5.configs import LITE_DIT, TINY_DIT, DiTConfig  # noqa: E402
-from kandinsky5.dit import DiT  # noqa: E402
-from kandinsky5.pipeline import SamplingSpec, _cfg_text, _velocity, dit_input  # noqa: E402
-from kandinsky5.text_encoders import TextEmbeds  # noqa: E402
+from kandinsky5.model import flow  # noqa: E402
+from kandinsky5.model.dit import DiT  # noqa: E402
+from kandinsky5.model.text_encoders import TextEmbeds  # noqa: E402
+from kandinsky5.sampling.pipeline import SamplingSpec, _cfg_text, _velocity, dit_input  # noqa: E402
 
 SMALL_DIT = dataclasses.replace(TINY_DIT, model_dim=512, ff_dim=2048, time_dim=256, num_visual_blocks=4)
 MODELS: dict[str, DiTConfig] = {"tiny": TINY_DIT, "small": SMALL_DIT, "lite": LITE_DIT}

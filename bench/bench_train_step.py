@@ -3,7 +3,8 @@
     python bench/bench_train_step.py --quick     # batch 1 and 2, two timed steps (about a minute on 2 CPU cores)
     python bench/bench_train_step.py             # batch 1, 2 and 4, four timed steps each
 
-The step is the trainer's own (``kandinsky5.training.flow_matching_loss`` on a random-weight DiT with a LoRA of rank
+The step is the trainer's own (``kandinsky5.train.objective.flow_matching_loss``
+on a random-weight DiT with a LoRA of rank
 16 on the default targets, backward, ``finish_step`` with AdamW).  The default DiT is small but shaped like the
 real ones (D = 512, F = 2048, 2 text + 4 visual blocks, head dim 64; 5 latent frames of 32x32 -> 1280 visual
 tokens; 64 text tokens); ``--model_dim`` etc. change it.
@@ -35,9 +36,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kandinsky5.configs import DiTConfig  # noqa: E402
-from kandinsky5.dit import DiT  # noqa: E402
-from kandinsky5.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler  # noqa: E402
-from kandinsky5.training import DistContext, TrainBatch, finish_step, flow_matching_loss  # noqa: E402
+from kandinsky5.model.dit import DiT  # noqa: E402
+from kandinsky5.train.distributed import DistContext  # noqa: E402
+from kandinsky5.train.objective import TrainBatch, flow_matching_loss  # noqa: E402
+from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler  # noqa: E402
+from kandinsky5.train.step import finish_step  # noqa: E402
 from networks.lora_kandinsky import create_network  # noqa: E402
 
 # FlopCounterMode knows the CUDA attention kernels but not PyTorch's CPU flash-attention ops: same formulas.

@@ -20,9 +20,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kandinsky5.attention import backend_from_flags, resolve_backend
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import NablaConfig, TaskConfig, get_task, task_names
+from kandinsky5.model.attention import backend_from_flags, resolve_backend
 
 __all__ = [
     "add_model_args",
@@ -186,8 +186,8 @@ def nabla_from_args(args: argparse.Namespace, task: TaskConfig) -> NablaConfig |
 
 
 def attention_spec_from_args(args: argparse.Namespace, task: TaskConfig):
-    """Resolve the attention flags into a :class:`kandinsky5.dit.AttentionSpec` (imports happen here, once)."""
-    from kandinsky5.dit import AttentionSpec
+    """Resolve the attention flags into a :class:`kandinsky5.model.dit.AttentionSpec` (imports happen here, once)."""
+    from kandinsky5.model.dit import AttentionSpec
 
     backend = backend_from_flags(**{f: bool(getattr(args, f, False)) for f in _BACKEND_FLAGS})
     nabla = nabla_from_args(args, task)

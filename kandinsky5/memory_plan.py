@@ -2,10 +2,11 @@
 
 Blocks in forward order are ``text_transformer_blocks.0 .. nt-1`` then ``visual_transformer_blocks.0 .. nv-1``.
 ``--blocks_to_swap N`` (N > 0) streams the last N + :data:`STAGING` of them through :data:`STAGING` GPU slots
-(``kandinsky5.memory`` explains the stream model), so the GPU holds exactly N blocks fewer when the streamed blocks
+(``kandinsky5.memory.build`` explains the stream model),
+so the GPU holds exactly N blocks fewer when the streamed blocks
 have one size (always, unless N + 2 > nv and text blocks are streamed too).
 
-The plan counts bytes per state-dict entry with the storage dtype of ``kandinsky5.dtype_policy`` (meta tensors
+The plan counts bytes per state-dict entry with the storage dtype of ``kandinsky5.memory.dtype_policy`` (meta tensors
 carry shapes only; fp8 layers carry their fp8 / fp32-scale dtypes after ``fp8.convert_to_fp8``).  It covers
 weights only -- activations, LoRA parameters, optimizer state and the CUDA context come on top.
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from kandinsky5.common import UserError
-from kandinsky5.dtype_policy import FP8_DTYPE, SCALE_DTYPE, param_dtype
+from kandinsky5.memory.dtype_policy import FP8_DTYPE, SCALE_DTYPE, param_dtype
 
 __all__ = [
     "STAGING",

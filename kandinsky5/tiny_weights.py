@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from kandinsky5.common import atomic_path, get_logger
-from kandinsky5.text_encoders import QWEN_TEMPLATES
-from kandinsky5.vae import SCALING_FACTOR
+from kandinsky5.model.text_encoders import QWEN_TEMPLATES
+from kandinsky5.model.vae import SCALING_FACTOR
 
 __all__ = ["write_bundle", "main", "DIT_TASKS"]
 
@@ -257,7 +257,7 @@ def build_clip(tokenizer, seed: int):
 def build_dit_state(task: str, seed: int) -> dict[str, torch.Tensor]:
     """Official-layout DiT state dict for ``task`` with every tensor re-drawn, in bf16."""
     from kandinsky5.configs import get_task
-    from kandinsky5.dit import DiT
+    from kandinsky5.model.dit import DiT
 
     dit = DiT(get_task(task).dit)
     # 1/sqrt(fan_in) rather than 0.02: at width 128 a 0.02 init leaves the output almost blind to text (3 %) and

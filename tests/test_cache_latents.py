@@ -27,7 +27,7 @@ from dataset.config import load_dataset_config
 from dataset.media import load_clips, nabla_size, plan_clips
 from dataset.sources import iter_items
 from kandinsky5.cli import run_main
-from kandinsky5.vae import SCALING_FACTOR, VideoVAE
+from kandinsky5.model.vae import SCALING_FACTOR, VideoVAE
 from tests.helpers import load_module
 
 ROOT = Path(__file__).resolve().parents[1]

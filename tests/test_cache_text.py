@@ -21,7 +21,7 @@ from dataset.config import load_dataset_config
 from dataset.sources import iter_items
 from kandinsky5.cli import run_main
 from kandinsky5.configs import get_task
-from kandinsky5.text_encoders import TextEncoder
+from kandinsky5.model.text_encoders import TextEncoder
 from tests.helpers import load_module
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -58,7 +58,7 @@ def _bucketed_all_reduce_worker(rank: int, port: int, result) -> None:
     import torch
     import torch.distributed as dist
 
-    from kandinsky5.training import DistContext, _all_reduce_mean_
+    from kandinsky5.train.distributed import DistContext, _all_reduce_mean_
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

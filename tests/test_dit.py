@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kandinsky5.configs import LITE_DIT, PRO_DIT, TINY_DIT, get_task
-from kandinsky5.dit import DiT
+from kandinsky5.model.dit import DiT
 from tests.helpers import diffusers_dit, diffusers_forward, randomize_, rel_close
 
 # A "shape-realistic" tiny config (architecture.md 9.9b): Lite's head split, 33 input channels.

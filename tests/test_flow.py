@@ -1,4 +1,4 @@
-"""kandinsky5.flow: interpolation edge cases, timestep modes and ranges, the sampling grid, Euler and CFG."""
+"""kandinsky5.model.flow: interpolation edge cases, timestep modes and ranges, the sampling grid, Euler and CFG."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kandinsky5.flow import (
+from kandinsky5.model.flow import (
     TIMESTEP_MODES,
     TimestepConfig,
     cfg_combine,

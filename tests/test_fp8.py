@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kandinsky5 import fp8
 from kandinsky5.common import UserError
 from kandinsky5.configs import get_task
-from kandinsky5.dit import DiT
-from kandinsky5.dtype_policy import FP8_DTYPE, LORA_DTYPE, is_fp8_linear, param_dtype
-from kandinsky5.fp8 import FP8Linear, convert_to_fp8, dequantize, quantize_weight
-from kandinsky5.memory import MemoryConfig, build_dit
+from kandinsky5.memory import fp8
+from kandinsky5.memory.build import MemoryConfig, build_dit
+from kandinsky5.memory.dtype_policy import FP8_DTYPE, LORA_DTYPE, is_fp8_linear, param_dtype
+from kandinsky5.memory.fp8 import FP8Linear, convert_to_fp8, dequantize, quantize_weight
+from kandinsky5.model.dit import DiT
 from networks.lora import LoRANetwork
 from networks.lora_kandinsky import DEFAULT_INCLUDE_PATTERNS
 from tests.helpers import randomize_

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from kandinsky5.cli import run_main
 from kandinsky5.configs import TINY_DIT
-from kandinsky5.video_io import read_image, read_video
+from kandinsky5.sampling.video_io import read_image, read_video
 from tests.helpers import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory):
     """A rank-4 LoRA for the tiny DiT with non-zero up weights (so it changes the output)."""
-    from kandinsky5.dit import DiT
+    from kandinsky5.model.dit import DiT
     from networks.lora_kandinsky import create_network, save_lora
 
     net = create_network(1.0, 4, 4, DiT(TINY_DIT))
@@ -227,7 +227,7 @@ def test_seed_inference_command_runs_as_written(tiny_bundle, lora_file, tmp_path
 
 
 def test_lora_trained_with_other_settings_warns(tiny_bundle, tmp_path, caplog):
-    from kandinsky5.dit import DiT
+    from kandinsky5.model.dit import DiT
     from networks.lora_kandinsky import create_network, save_lora
 
     path = tmp_path / "i2v_lora.safetensors"

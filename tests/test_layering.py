@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {p.stem for p in ROOT.glob("kandinsky5_*.py")}
-MODEL_FILES = {"dit", "attention", "nabla", "flow", "fp8"}
+MODEL_FILES = {"model/dit", "model/attention", "model/nabla", "model/flow", "memory/fp8"}
 L0 = {"kandinsky5.common", "kandinsky5.configs"}
 
 
@@ -33,7 +33,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def _package_files(package: str) -> list[Path]:
-    return sorted((ROOT / package).glob("*.py"))
+    return sorted((ROOT / package).rglob("*.py"))
 
 
 def _top(name: str) -> str:

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from kandinsky5.common import UserError
 from kandinsky5.configs import get_task
-from kandinsky5.dit import DiT
-from kandinsky5.loading import load_dit, param_dtype
+from kandinsky5.model.dit import DiT
+from kandinsky5.model.loading import load_dit, param_dtype
 from tests.helpers import randomize_
 
 TASK = get_task("k5-tiny-t2v")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kandinsky5.configs import LITE_DIT, PRO_DIT, get_task
-from kandinsky5.dit import DiT
+from kandinsky5.model.dit import DiT
 from networks.lora import FORMATS, LoRANetwork, from_canonical, to_canonical, unmangle_kohya
 from networks.lora_kandinsky import (
     DEFAULT_INCLUDE_PATTERNS,

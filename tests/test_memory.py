@@ -18,14 +18,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kandinsky5 import memory
 from kandinsky5.cli import add_memory_args
 from kandinsky5.common import UserError
 from kandinsky5.configs import get_task
-from kandinsky5.dit import DiT
-from kandinsky5.fp8 import convert_to_fp8
-from kandinsky5.memory import MemoryConfig, build_dit, memory_config_from_args
+from kandinsky5.memory import build as memory
+from kandinsky5.memory.build import MemoryConfig, build_dit, memory_config_from_args
+from kandinsky5.memory.fp8 import convert_to_fp8
 from kandinsky5.memory_plan import STAGING, block_names, memory_plan, streamed_block_names
+from kandinsky5.model.dit import DiT
 from networks.lora import LoRANetwork
 from networks.lora_kandinsky import DEFAULT_INCLUDE_PATTERNS
 from tests.helpers import randomize_
@@ -325,7 +325,7 @@ def test_build_dit_logs_the_plan_and_the_switches(tmp_path, base, caplog):
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in base.state_dict().items()}, str(path))
     mem = MemoryConfig(fp8=True, blocks_to_swap=2, gradient_checkpointing=True, activation_cpu_offload=True)
-    with caplog.at_level("INFO", logger="kandinsky5.memory"):
+    with caplog.at_level("INFO", logger="kandinsky5.memory.build"):
         model = build_dit(TASK, path, "cpu", torch.float32, None, mem, training=True)
     text = caplog.text
     assert "fp8 on | block swap 2 | gradient checkpointing on (+ CPU activation offload)" in text
@@ -364,7 +364,7 @@ def test_memory_config_from_args():
 
 def test_memory_plan_with_a_bf16_checkpoint_keeps_conditioning_in_bf16():
     """With the checkpoint's dtypes known, conditioning weights count at 2 bytes: Pro's fp8 run drops to ~22.8 GB."""
-    from kandinsky5.dtype_policy import FP32_PARAMS
+    from kandinsky5.memory.dtype_policy import FP32_PARAMS
 
     model = _meta("k5-pro-t2v-5s-sd", True)
     keys = [k for k in model.state_dict() if not k.endswith(".scale_weight")]

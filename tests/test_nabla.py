@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers.models.transformers import transformer_kandinsky as ref
 
-from kandinsky5.attention import sdpa
 from kandinsky5.common import UserError
 from kandinsky5.configs import NablaConfig, get_task
-from kandinsky5.dit import AttentionSpec, DiT
-from kandinsky5.nabla import block_mask, check_geometry, dense_mask_attention, fractal_permutation, sta_mask
+from kandinsky5.model.attention import sdpa
+from kandinsky5.model.dit import AttentionSpec, DiT
+from kandinsky5.model.nabla import block_mask, check_geometry, dense_mask_attention, fractal_permutation, sta_mask
 from tests.helpers import randomize_, rel_close
 
 
@@ -108,7 +108,7 @@ def test_geometry_errors_name_the_sizes_and_the_fix():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention path needs CUDA")
 def test_flex_path_matches_dense_mask_on_gpu():
-    from kandinsky5.nabla import flex_block_attention
+    from kandinsky5.model.nabla import flex_block_attention
 
     torch.manual_seed(3)
     q, k, v = (torch.randn(1, 8 * 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))

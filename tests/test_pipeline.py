@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from kandinsky5 import flow
 from kandinsky5.common import UserError
 from kandinsky5.configs import TINY_DIT, get_task
-from kandinsky5.dit import DiT
-from kandinsky5.pipeline import (
+from kandinsky5.model import flow
+from kandinsky5.model.dit import DiT
+from kandinsky5.model.text_encoders import TextEmbeds
+from kandinsky5.sampling.pipeline import (
     DEFAULT_NEGATIVE_PROMPT,
     SamplingSpec,
     _cfg_text,
@@ -23,9 +24,8 @@ from kandinsky5.pipeline import (
     normalize_first_frame,
     sample_latents,
 )
-from kandinsky5.prompts import parse_prompt_line
-from kandinsky5.text_encoders import TextEmbeds
-from kandinsky5.video_io import read_image, read_video, to_uint8_frames, write_image, write_video
+from kandinsky5.sampling.prompts import parse_prompt_line
+from kandinsky5.sampling.video_io import read_image, read_video, to_uint8_frames, write_image, write_video
 from tests.helpers import randomize_, rel_close
 
 TEXT_DIM, POOLED_DIM = TINY_DIT.in_text_dim, TINY_DIT.in_text_dim2

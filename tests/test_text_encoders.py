@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kandinsky5.common import UserError
-from kandinsky5.text_encoders import QWEN_TEMPLATES, TextEmbeds, TextEncoder
+from kandinsky5.model.text_encoders import QWEN_TEMPLATES, TextEmbeds, TextEncoder
 
 PROMPTS = ["a red square", "A golden retriever runs along a sandy beach at sunset, the camera follows it."]
 
@@ -178,7 +178,7 @@ def test_bad_local_paths(tiny_bundle, qwen, clip, match):
 def test_crop_mismatch_warns_for_a_real_looking_qwen_tokenizer(encoder, monkeypatch, caplog):
     monkeypatch.setattr(encoder.qwen_tokenizer, "name_or_path", "/hub/Qwen2.5-VL-7B-Instruct")
     monkeypatch.setattr(encoder, "_crop_cache", {})
-    with caplog.at_level("WARNING", logger="kandinsky5.text_encoders"):
+    with caplog.at_level("WARNING", logger="kandinsky5.model.text_encoders"):
         crop = encoder.crop_start("image")
     assert crop != 41 and "official code uses 41" in caplog.text
 

@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kandinsky5.configs import get_task
-from kandinsky5.text_encoders import TextEncoder
+from kandinsky5.model.text_encoders import TextEncoder
+from kandinsky5.model.vae import VideoVAE
 from kandinsky5.tiny_weights import DIT_TASKS, QWEN_SPECIALS, main, write_bundle
-from kandinsky5.vae import VideoVAE
 
 EXPECTED_FILES = {
     "vae/config.json",
@@ -72,7 +72,7 @@ def test_help_documents_every_flag(capsys):
 
 @pytest.mark.parametrize("task", DIT_TASKS)
 def test_dit_checkpoint_official_layout(tiny_bundle, task):
-    from kandinsky5.dit import DiT
+    from kandinsky5.model.dit import DiT
 
     path = tiny_bundle / "model" / get_task(task).checkpoint
     with safe_open(str(path), "pt") as f:
@@ -90,7 +90,7 @@ def test_dit_checkpoint_official_layout(tiny_bundle, task):
 
 
 def test_t2v_and_i2v_differ_and_run(tiny_bundle):
-    from kandinsky5.dit import DiT
+    from kandinsky5.model.dit import DiT
 
     cfg = get_task("k5-tiny-t2v").dit
     a = load_file(tiny_bundle / "model" / "k5_tiny_t2v.safetensors")

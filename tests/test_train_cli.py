@@ -151,7 +151,7 @@ def test_config_file_tensorboard_and_saved_file_formats(tiny_bundle, toy, tmp_pa
     assert meta["k5_format"] == "diffusers" and meta["ss_network_dim"] == "8"
     assert meta["k5_base_checkpoint_hash"] and meta["ss_steps"] == "2"
     from kandinsky5.configs import get_task
-    from kandinsky5.dit import DiT
+    from kandinsky5.model.dit import DiT
 
     network = create_network_from_weights(1.0, sd, DiT(get_task("k5-tiny-t2v").dit), metadata=meta)
     assert len(network) == 46
@@ -244,7 +244,7 @@ def test_sampling_during_training_writes_videos_and_leaves_training_unchanged(ti
     assert train(base_args(tiny_bundle, toy, without, steps=4) + ["--network_dropout", "0.2"]) == 0
     names = sorted(p.name for p in (with_samples / "sample").iterdir())
     assert names == [f"lora_{s:06d}_{i}" for s in (0, 2, 4) for i in ("00_7.mp4", "01_42.png")]
-    from kandinsky5.video_io import read_video
+    from kandinsky5.sampling.video_io import read_video
 
     frames, fps, meta = read_video(with_samples / "sample" / "lora_000004_00_7.mp4")
     assert frames.shape == (5, 64, 64, 3) and meta["training_step"] == "4"

@@ -13,18 +13,12 @@ import pytest
 import torch
 
 from dataset.cache import latent_cache_path, text_cache_path, write_latent_cache, write_text_cache
-from kandinsky5 import flow
 from kandinsky5.common import UserError
 from kandinsky5.configs import get_task
-from kandinsky5.dit import DiT
-from kandinsky5.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, parse_kv_args
-from kandinsky5.training import (
-    TrainBatch,
-    conditioned_frames,
-    dit_input,
-    flow_matching_loss,
-    masked_mse,
-)
+from kandinsky5.model import flow
+from kandinsky5.model.dit import DiT
+from kandinsky5.train.objective import TrainBatch, conditioned_frames, dit_input, flow_matching_loss, masked_mse
+from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, parse_kv_args
 from tests.helpers import randomize_
 
 TINY = get_task("k5-tiny-t2v")
@@ -203,7 +197,7 @@ def test_mixed_length_batch_equals_per_sample_loss_and_grads(rounding, monkeypat
     they agree to fp32 round-off per tensor.
     """
     if rounding == "no rounding":
-        monkeypatch.setattr("kandinsky5.dit.apply_rope", _rope_without_bf16_rounding)
+        monkeypatch.setattr("kandinsky5.model.dit.apply_rope", _rope_without_bf16_rounding)
     dit = tiny_dit()
     network = _lora(dit)
     with torch.no_grad():
@@ -425,7 +419,7 @@ def test_three_steps_resume_three_steps_equals_six_straight(tiny_bundle, tmp_pat
 
 
 def test_rotation_keeps_the_newest_checkpoints(tmp_path):
-    from kandinsky5.optim import rotate
+    from kandinsky5.train.state import rotate
 
     for step in (2, 4, 6, 8):
         (tmp_path / f"lora-step{step:08d}.safetensors").write_bytes(b"x")
@@ -441,7 +435,7 @@ def test_rotation_keeps_the_newest_checkpoints(tmp_path):
 def test_resume_with_a_longer_schedule_uses_the_new_schedule_at_once():
     from transformers import get_scheduler
 
-    from kandinsky5.training import _recompute_lr
+    from kandinsky5.train.run import _recompute_lr
 
     def sched(total):
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)

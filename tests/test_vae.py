@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kandinsky5.common import UserError
-from kandinsky5.vae import SCALING_FACTOR, VideoVAE
+from kandinsky5.model.vae import SCALING_FACTOR, VideoVAE
 
 
 @pytest.fixture(scope="module")

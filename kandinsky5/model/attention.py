@@ -6,7 +6,7 @@ has the same layout.  SDPA wants ``(B, H, S, D)``; the transposes live here, not
 Which kernel runs where (as in the official code):
 
 * visual self-attention: the selected *dense* backend (``sdpa`` default, ``flash_attn`` = FlashAttention 2,
-  ``flash3`` = FlashAttention 3, ``sage_attn`` = SageAttention, ``xformers``) or NABLA (``kandinsky5.nabla``);
+  ``flash3`` = FlashAttention 3, ``sage_attn`` = SageAttention, ``xformers``) or NABLA (``kandinsky5.model.nabla``);
 * text self-attention and cross-attention: always SDPA with a boolean key-padding mask, because the padded text
   batch needs a mask and the fast kernels take none.  These are short sequences, so the cost is small.
 

@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky5.attention import AttentionFn, masked_sdpa, resolve_backend
 from kandinsky5.configs import DiTConfig, NablaConfig
-from kandinsky5.nabla import TILE, fractal_permutation, nabla_attention, sta_mask
+from kandinsky5.model.attention import AttentionFn, masked_sdpa, resolve_backend
+from kandinsky5.model.nabla import TILE, fractal_permutation, nabla_attention, sta_mask
 
 __all__ = ["DiT", "AttentionSpec"]
 

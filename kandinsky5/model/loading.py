@@ -1,4 +1,5 @@
-"""Load official Kandinsky 5 DiT checkpoints (``.safetensors``) into :class:`kandinsky5.dit.DiT`, strictly and streamed.
+"""Load official Kandinsky 5 DiT checkpoints (``.safetensors``) into :class:`kandinsky5.model.dit.DiT`, strictly
+and streamed.
 
 The model is built on the meta device (no memory), every tensor is read from the memory-mapped safetensors file one
 at a time, converted to its target dtype/device and assigned in place, so peak host memory is about one copy of the
@@ -10,7 +11,8 @@ shards); keys may carry a ComfyUI ``model.diffusion_model.`` / ``diffusion_model
 Every check is strict: a checkpoint that does not fit the task fails with one line naming the task, the file and the
 first missing / unexpected / mis-shaped key.
 
-dtype policy: :mod:`kandinsky5.dtype_policy` (``param_dtype`` is re-exported here).  A :class:`LoadTransform` may take
+dtype policy: :mod:`kandinsky5.memory.dtype_policy` (``param_dtype`` is re-exported here).
+A :class:`LoadTransform` may take
 over the per-tensor step (fp8 quantisation and per-block placement in :func:`kandinsky5.memory.build_dit`): it sees
 each tensor alone, so quantising while streaming never holds more than one high-precision tensor.
 """
@@ -28,8 +30,8 @@ from safetensors import safe_open
 
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
-from kandinsky5.dit import AttentionSpec, DiT
-from kandinsky5.dtype_policy import FP32_PARAMS, load_dtype, param_dtype
+from kandinsky5.memory.dtype_policy import FP32_PARAMS, load_dtype, param_dtype
+from kandinsky5.model.dit import AttentionSpec, DiT
 
 __all__ = [
     "load_dit",

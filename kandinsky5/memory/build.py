@@ -6,15 +6,15 @@ ModuleLists, instance-level ``forward`` patches, ``.data`` reassignment); state-
 Switches (:class:`MemoryConfig`, from ``cli.add_memory_args`` by :func:`memory_config_from_args`):
 
 * ``fp8`` -- block linears stored as fp8 e4m3 + block-64 scales, quantised tensor by tensor while streaming from
-  disk (``kandinsky5.fp8``); ``fp8_fast`` adds fp8 tensor-core matmuls.
-* ``blocks_to_swap N`` -- N fewer transformer blocks' weights on the GPU (``kandinsky5.block_swap``).
+  disk (``kandinsky5.memory.fp8``); ``fp8_fast`` adds fp8 tensor-core matmuls.
+* ``blocks_to_swap N`` -- N fewer transformer blocks' weights on the GPU (``kandinsky5.memory.block_swap``).
 * ``gradient_checkpointing`` -- each block's forward runs under ``torch.utils.checkpoint(use_reentrant=False)``;
   ``activation_cpu_offload`` additionally moves each block's saved input activation x (B, S, D) to (pinned) CPU
   memory in forward and back in backward.  Only x is moved: ``text``, ``time_embed``, RoPE tables and the mask are
   shared by every block, so copying them per block would cost bandwidth and save nothing.
 * ``offload_during_sampling`` -- callers use :func:`offload_dit` / :func:`restore_dit` around VAE / text encoders.
 
-Block swap (which blocks, stream model): see ``kandinsky5.block_swap``.  N > 0 streams the last N + 2 blocks
+Block swap (which blocks, stream model): see ``kandinsky5.memory.block_swap``.  N > 0 streams the last N + 2 blocks
 through two GPU slots, so the GPU holds N blocks fewer; max N = blocks - 2 (Pro 62, Lite 32).
 
 Gradient checkpointing patches each block *instance's* ``forward`` (no wrapper modules, so state-dict keys stay
@@ -27,7 +27,7 @@ cost their transfer time on the critical path but need no synchronisation.
 :func:`build_dit` order: read the checkpoint header -> meta model -> fp8 conversion (policy linears, or the file's
 pre-quantised ones) -> memory plan, logged -> streaming load through a per-tensor ``LoadTransform`` (quantise on the
 GPU when there is one, streamed blocks' tensors to CPU memory, others to the device) -> block swap -> checkpointing.
-Layouts: see ``kandinsky5.dit`` (blocks take x (B, S, D) / (B, L, D) first, which is what is offloaded).
+Layouts: see ``kandinsky5.model.dit`` (blocks take x (B, S, D) / (B, L, D) first, which is what is offloaded).
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kandinsky5 import fp8
-from kandinsky5.block_swap import BlockSwapper, disable_block_swap, enable_block_swap, get_swapper, pin
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
-from kandinsky5.dit import AttentionSpec, DiT
-from kandinsky5.dtype_policy import FP8_DTYPE, load_dtype
-from kandinsky5.loading import LoadTransform, checkpoint_files, load_dit, read_header
+from kandinsky5.memory import fp8
+from kandinsky5.memory.block_swap import BlockSwapper, disable_block_swap, enable_block_swap, get_swapper, pin
+from kandinsky5.memory.dtype_policy import FP8_DTYPE, load_dtype
 from kandinsky5.memory_plan import MemoryPlan, max_blocks_to_swap, memory_plan, stored_dtypes, streamed_block_names
+from kandinsky5.model.dit import AttentionSpec, DiT
+from kandinsky5.model.loading import LoadTransform, checkpoint_files, load_dit, read_header
 
 __all__ = [
     "MemoryConfig",

@@ -13,7 +13,7 @@ Kernels.  On CUDA the mask becomes a flex-attention ``BlockMask`` (64x64 blocks,
 under ``torch.compile``.  On CPU flex-attention cannot run this (no backward, eager mode ignores the block mask), so
 the same mask is expanded to a dense ``(B, H, S, S)`` boolean mask for SDPA: exact, only slower.
 
-Layouts: ``q, k, v`` are ``(B, S, H, D)`` in fractal token order, like the rest of ``kandinsky5.attention``.
+Layouts: ``q, k, v`` are ``(B, S, H, D)`` in fractal token order, like the rest of ``kandinsky5.model.attention``.
 """
 
 from __future__ import annotations

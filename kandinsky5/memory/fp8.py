@@ -36,7 +36,7 @@ matmul it is an error, never a silent fallback.
 Casting a model that holds fp8 layers (``.to(torch.bfloat16)``, ``.float()``) keeps their fp8 weights and fp32
 scales (only biases follow); ``.to(device)`` moves them.
 
-Stream model: none here -- everything runs on the caller's current stream; block swap (``kandinsky5.block_swap``)
+Stream model: none here -- everything runs on the caller's current stream; block swap (``kandinsky5.memory.block_swap``)
 moves ``weight`` and ``scale_weight`` by reassigning ``.data`` and relies on the autograd function saving the
 parameter itself, so a swapped-out block leaves no GPU copy behind in saved tensors.
 
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kandinsky5.common import UserError, get_logger
-from kandinsky5.dtype_policy import FP8_DTYPE, SCALE_DTYPE, is_fp8_linear
+from kandinsky5.memory.dtype_policy import FP8_DTYPE, SCALE_DTYPE, is_fp8_linear
 
 __all__ = [
     "FP8_MAX",

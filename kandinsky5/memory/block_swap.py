@@ -1,6 +1,6 @@
 """Block swap: stream the DiT's last transformer blocks through two GPU slots (hooks only; ``dit.py`` untouched).
 
-Entry points: :func:`enable_block_swap` / :func:`disable_block_swap` (re-exported by ``kandinsky5.memory``, which
+Entry points: :func:`enable_block_swap` / :func:`disable_block_swap` (re-exported by ``kandinsky5.memory.build``, which
 wires them to ``--blocks_to_swap``), :func:`get_swapper`.  Tensors moved: every parameter and buffer of a streamed
 block (fp8 weights and their ``scale_weight`` included), by reassigning ``.data`` so module and parameter identities
 -- and hence LoRA wrappers and optimizer references -- survive.

@@ -47,14 +47,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kandinsky5 import flow
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
-from kandinsky5.dtype_policy import FP8_DTYPE, FP32_PARAMS
-from kandinsky5.prompts import PromptLine
-from kandinsky5.text_encoders import TextEmbeds, TextEncoder
-from kandinsky5.vae import VideoVAE
-from kandinsky5.video_io import image_to_tensor, load_image, to_uint8_frames
+from kandinsky5.memory.dtype_policy import FP8_DTYPE, FP32_PARAMS
+from kandinsky5.model import flow
+from kandinsky5.model.text_encoders import TextEmbeds, TextEncoder
+from kandinsky5.model.vae import VideoVAE
+from kandinsky5.sampling.prompts import PromptLine
+from kandinsky5.sampling.video_io import image_to_tensor, load_image, to_uint8_frames
 
 __all__ = [
     "DEFAULT_NEGATIVE_PROMPT",
@@ -557,14 +557,14 @@ class Kandinsky5Pipeline:
 
 
 def _offload(dit) -> None:
-    from kandinsky5.memory import offload_dit
+    from kandinsky5.memory.build import offload_dit
 
     offload_dit(dit)
     _free_memory()
 
 
 def _restore(dit, device: torch.device) -> None:
-    from kandinsky5.memory import restore_dit
+    from kandinsky5.memory.build import restore_dit
 
     restore_dit(dit, device)
 

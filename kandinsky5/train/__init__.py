@@ -1,0 +1,6 @@
+"""LoRA training building blocks; ``kandinsky5_train_network.py`` is the flat loop over them.
+
+``config`` (TrainConfig), ``distributed`` (process group), ``objective`` (flow-matching loss), ``step`` (optimizer
+step), ``run`` (run state, checkpoints, resume), ``state`` (state directories, RNG), ``optim`` (optimizers and
+schedules), ``sampler`` (sampling during training).
+"""
