@@ -87,23 +87,35 @@ def fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return layer(x.float()).float()
 
 
+# The three chains below run on every token of every block.  Each is written as few full-width passes as possible
+# with the same fp32 operations in the same order as the plain formula, so results and gradients are bit-identical
+# to it (tests/test_fused_numerics.py): in-place steps on fresh fp32 temporaries (autograd needs none of the
+# overwritten values), no fp32 copy of a bf16 input that is read once (mixed-dtype ops upcast on the fly), and RoPE
+# on whole contiguous rows (pair-swapped copy times signed sin) instead of stride-2 halves stacked back together.
+# No fused multiply-add anywhere: it would round differently from official.
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``LN(x) * (1 + scale) + shift`` in fp32 (LayerNorm without affine, eps 1e-5), cast to x's dtype."""
     normed = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-5)
-    return (normed * (scale + 1.0) + shift).type_as(x)
+    return normed.mul_(scale + 1.0).add_(shift).type_as(x)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``x + gate * out`` in fp32, cast to x's dtype."""
-    return (x.float() + gate * out.float()).type_as(x)
+    return (gate.float() * out).add_(x).type_as(x)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, S, H, D) by angles given as cos/sin (S, D/2); returns bf16-rounded x."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2)
+    """Rotate interleaved pairs of x (B, S, H, D) by angles given as cos/sin (S, D/2); returns bf16-rounded x.
+
+    Pair (x0, x1) -> (x0 c - x1 s, x1 c + x0 s), computed as ``x * [c, c] + [x1, x0] * [-s, s]`` per pair.
+    """
+    xf = x.float()  # gradients of both terms meet here in fp32, as in the plain formula
+    cos2 = cos.repeat_interleave(2, dim=-1)[:, None, :]
+    sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)[:, None, :]
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    rotated = (xf * cos2).add_(swapped.mul_(sin2))
     return rotated.to(torch.bfloat16).type_as(x)
 
 
