@@ -8,6 +8,11 @@ Maths (per target Linear ``W: in -> out``, rank r, alpha a, multiplier m)::
     y = base(x) + m * (a / r) * up(down(x))       down: (r, in) Kaiming-uniform, up: (out, r) zeros
     merged:  W <- W + m * (a / r) * up @ down     (computed in fp32)
 
+Computed as ``addmm(base(x), down(x), up.T, alpha=m * a / r)``: one GEMM accumulates the branch into the base
+output (no full-size temporary, no separate add).  Modules that read one input (q/k/v of an attention) share one
+down-projection matmul (:class:`SharedDown`).  Both only change how the same sum is evaluated; weights, state-dict
+keys and files are per module as before.
+
 Injection wraps the *module's forward* (``base.forward`` is replaced by ``LoRAModule.forward``, which calls the
 original bound forward first), so whatever the base layer does -- a plain Linear, an fp8 Linear that dequantises
 its weight, a layer with hooks -- still runs unchanged.  ``remove()`` restores the original forwards.  Apply LoRA
@@ -48,7 +53,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +64,7 @@ __all__ = [
     "FORMATS",
     "LoRAModule",
     "LoRANetwork",
+    "SharedDown",
     "select_targets",
     "to_canonical",
     "from_canonical",
@@ -118,6 +124,8 @@ class LoRAModule(nn.Module):
         self.multiplier = multiplier
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self._attached: tuple[nn.Module, object, bool] | None = None  # (base, original forward, was instance attr)
+        self._shared: SharedDown | None = None  # set by LoRANetwork.apply_to for q/k/v-style input groups
+        self._shared_index = 0  # position in self._shared.members
 
     @property
     def scale(self) -> float:
@@ -167,15 +175,20 @@ class LoRAModule(nn.Module):
         if self._attached is None:
             raise RuntimeError(f"LoRA {self.lora_name} is not attached to a module")
         y = self._attached[1](x, *args, **kwargs)
+        h = self._shared.take(self._shared_index, x) if self._shared is not None else None  # taken even if skipped
         if self.multiplier == 0.0:
             return y
         if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
             return y
-        return y + self.branch(x).to(y.dtype)
+        h, scale = self._regularised(self.down(x) if h is None else h)
+        return _add_up_projection(y, h, self.lora_up.weight, scale)
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """``m * scale * up(down(x))`` with the training-time dropouts, in x's dtype."""
-        h = F.linear(x, self.lora_down.weight.to(x.dtype))
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """The rank activation ``down(x)`` (..., r), in x's dtype."""
+        return F.linear(x, self.lora_down.weight.to(x.dtype))
+
+    def _regularised(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Training-time dropouts on the rank activation; returns it with the branch scale ``m * alpha / r``."""
         scale = self.multiplier * self.scale
         if self.training and self.dropout > 0:
             h = F.dropout(h, p=self.dropout)
@@ -183,6 +196,11 @@ class LoRAModule(nn.Module):
             keep = torch.rand(h.shape[0], *([1] * (h.ndim - 2)), self.rank, device=h.device) > self.rank_dropout
             h = h * keep.to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)
+        return h, scale
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``m * scale * up(down(x))`` with the training-time dropouts, in x's dtype (the unfused branch)."""
+        h, scale = self._regularised(self.down(x))
         return F.linear(h * scale, self.lora_up.weight.to(h.dtype))  # scale the rank-r activation, not the output
 
     @torch.no_grad()
@@ -190,6 +208,56 @@ class LoRAModule(nn.Module):
         """``m * scale * up @ down`` in fp32, shape (out, in)."""
         m = self.multiplier if multiplier is None else multiplier
         return (self.lora_up.weight.float() @ self.lora_down.weight.float()) * (m * self.scale)
+
+
+def _add_up_projection(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """``y + scale * h @ up.T`` as one GEMM that accumulates into a copy of y (no full-size temporary or add).
+
+    Falls back to the plain add when the base output's dtype differs from the branch's (y keeps its dtype).
+    """
+    up = up.to(h.dtype)
+    if y.dtype != h.dtype:
+        return y + F.linear(h * scale, up).to(y.dtype)
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(), alpha=scale)
+    return out.view(y.shape)
+
+
+class SharedDown:
+    """LoRA modules whose base Linears read the same input tensor (q, k, v of one attention).
+
+    The first member called with an input ``x`` computes every member's rank activation in one matmul (the down
+    weights concatenated, the result split, so autograd also runs one matmul per gradient) and leaves the others'
+    rows for them; a member called with that same tensor object takes its rows.  The result equals each member's
+    own ``down(x)`` up to matmul round-off.  If a member is called with a different input while rows are still
+    pending, the grouping was wrong for this model: the group switches itself off and every member computes alone.
+    Members are addressed by position, never by object identity, so torch.compile traces every group alike.
+    """
+
+    def __init__(self, members: Sequence[LoRAModule]):
+        self.members = list(members)
+        self.enabled = True
+        self._input: torch.Tensor | None = None
+        self._pending: list[torch.Tensor | None] = [None] * len(self.members)
+
+    def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member ``index``'s rank activation of x (computed now for the whole group, or left by an earlier member)."""
+        if not self.enabled:
+            return None
+        rows = self._pending[index]
+        if rows is not None and self._input is x:
+            self._pending[index] = None
+            if all(p is None for p in self._pending):
+                self._input = None
+            return rows
+        if any(p is not None for p in self._pending):  # rows left unused: members do not share their input here
+            self.enabled, self._input, self._pending = False, None, [None] * len(self.members)
+            log.debug("LoRA %s: inputs are not shared; fused down-projection off", self.members[index].lora_name)
+            return None
+        weight = torch.cat([m.lora_down.weight for m in self.members]).to(x.dtype)
+        pending: list[torch.Tensor | None] = list(F.linear(x, weight).split([m.rank for m in self.members], dim=-1))
+        own, pending[index] = pending[index], None
+        self._pending, self._input = pending, x
+        return own
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,6 +316,9 @@ class LoRANetwork(nn.Module):
     Targets come from ``select_targets(dit, include, exclude, default_include)`` with one ``rank``/``alpha``, or
     -- when ``module_ranks`` ({path: (rank, alpha)}) is given, e.g. from a file -- exactly those modules.
     ``parameters()`` are the LoRA weights only; ``lora_state_dict()`` uses the canonical names.
+    ``shared_input_key(path)``: modules with the same (non-None) key read the same input tensor in the model's
+    forward (e.g. q/k/v of one attention); ``apply_to`` fuses their down-projections (:class:`SharedDown`).
+    Parameters and files are per module either way.
     """
 
     def __init__(
@@ -264,9 +335,11 @@ class LoRANetwork(nn.Module):
         default_include: Sequence[str] = (),
         module_ranks: Mapping[str, tuple[int, float]] | None = None,
         dtype: torch.dtype = torch.float32,
+        shared_input_key: Callable[[str], str | None] | None = None,
     ):
         super().__init__()
         dit = _unwrap(dit)
+        self.shared_input_key = shared_input_key
         if module_ranks is None:
             names = select_targets(dit, include, exclude, default_include)
             module_ranks = {n: (rank, alpha) for n in names}
@@ -301,11 +374,25 @@ class LoRANetwork(nn.Module):
             if (base.in_features, base.out_features) != (lora.lora_down.in_features, lora.lora_up.out_features):
                 raise ValueError(f"LoRA {name} shape does not match the model's Linear {tuple(base.weight.shape)}")
             lora.attach(base)
+        self._group_shared_inputs()
+
+    def _group_shared_inputs(self) -> None:
+        """Attach a :class:`SharedDown` to every set of >= 2 modules with the same ``shared_input_key``."""
+        groups: dict[str, list[LoRAModule]] = {}
+        for name, lora in self.items():
+            key = self.shared_input_key(name) if self.shared_input_key is not None else None
+            if key is not None:
+                groups.setdefault(key, []).append(lora)
+        for members in groups.values():
+            shared = SharedDown(members) if len(members) > 1 else None
+            for i, lora in enumerate(members):
+                lora._shared, lora._shared_index = shared, i
 
     def remove(self) -> None:
         """Restore every original forward (reverse order, so nested wrappers unwind cleanly)."""
         for lora in reversed(self.lora_modules):
             lora.detach()
+            lora._shared = None
 
     def set_multiplier(self, multiplier: float) -> None:
         for lora in self.lora_modules:

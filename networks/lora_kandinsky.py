@@ -29,6 +29,7 @@ Files: ``save_lora`` writes ``diffusers`` keys (default: loads in ComfyUI, diffu
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -54,6 +55,7 @@ __all__ = [
     "NETWORK_MODULE",
     "create_network",
     "create_network_from_weights",
+    "shared_input_key",
     "save_lora",
     "load_lora_state_dict",
     "training_metadata",
@@ -86,8 +88,21 @@ K5_SEGMENTS: tuple[str, ...] = (
     "pooled_text_embeddings",
     "visual_embeddings",
 )
+# Linears that read the same input tensor in the DiT's forward (their LoRA down-projections run as one matmul):
+# q/k/v of a self-attention read the modulated stream, k/v of a cross-attention read the text.
+_SHARED_INPUT = re.compile(
+    r"(?P<self>.+\.self_attention)\.(?:to_query|to_key|to_value)|(?P<cross>.+\.cross_attention)\.(?:to_key|to_value)"
+)
 _NETWORK_ARGS = ("include_patterns", "exclude_patterns", "rank_dropout", "module_dropout", "dropout")
 _MUSUBI_CALL_KWARGS = ("vae", "text_encoders", "text_encoder", "unet")  # accepted and ignored (musubi call shape)
+
+
+def shared_input_key(path: str) -> str | None:
+    """Group key of a DiT Linear whose input is shared with other Linears (``LoRANetwork(shared_input_key=...)``)."""
+    m = _SHARED_INPUT.fullmatch(path)
+    if m is None:
+        return None
+    return m.group("self") or f"{m.group('cross')}.context"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,6 +163,7 @@ def create_network(
         alpha=1.0 if network_alpha is None else network_alpha,
         multiplier=multiplier,
         default_include=DEFAULT_INCLUDE_PATTERNS,
+        shared_input_key=shared_input_key,
         **args,
     )
 
@@ -165,7 +181,9 @@ def create_network_from_weights(
     ``for_inference``: parameters frozen and eval mode.  The network is not applied; merge or ``apply_to``.
     """
     sd, _ = to_canonical(weights_sd, K5_SEGMENTS, folded_alphas_from_metadata(metadata or {}))
-    network = LoRANetwork(dit, multiplier=multiplier, module_ranks=infer_module_ranks(sd))
+    network = LoRANetwork(
+        dit, multiplier=multiplier, module_ranks=infer_module_ranks(sd), shared_input_key=shared_input_key
+    )
     network.load_lora_state_dict(sd, strict=True)
     if for_inference:
         network.requires_grad_(False).eval()
