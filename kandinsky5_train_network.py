@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(p)
     cli.add_attention_args(p)
     cli.add_memory_args(p, training=True)
+    cli.add_compile_args(p)
     _add_run_args(p)
     _add_optimizer_args(p)
     _add_network_args(p)
@@ -200,6 +201,7 @@ def _mixed_precision(flag: str | None) -> str:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from kandinsky5.memory.build import memory_config_from_args
+    from kandinsky5.memory.compile import compile_config_from_args
 
     _require(args, "task", "dit", "dataset_config", "output_dir", "output_name")
     task = cli.task_from_args(args)
@@ -282,6 +284,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         persistent_workers=args.persistent_data_loader_workers,
         resume=Path(args.resume) if args.resume else None,
         logging_dir=Path(args.logging_dir) if args.logging_dir else None,
+        compile=compile_config_from_args(args, blocks_to_swap=args.blocks_to_swap),
     )
 
 
@@ -348,7 +351,8 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
         for _, h, w in sorted({i.shape for i in items}):
             check_geometry(h // 2, w // 2)
-    dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True)
+    dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True,
+                    compile=cfg.compile)  # fmt: skip
     dit.requires_grad_(False)
     seed_everything(seed)  # the same LoRA init on every rank (broadcast below as well)
     network, module = _build_network(cfg, dit)

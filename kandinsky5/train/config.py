@@ -18,6 +18,7 @@ from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig
 
 if TYPE_CHECKING:
     from kandinsky5.memory.build import MemoryConfig
+    from kandinsky5.memory.compile import CompileConfig
     from kandinsky5.model.dit import AttentionSpec
 
 
@@ -91,6 +92,7 @@ class TrainConfig:
     persistent_workers: bool = False
     resume: Path | None = None
     logging_dir: Path | None = None
+    compile: CompileConfig | None = None  # --compile and its companions (None or disabled: eager)
 
     @property
     def weight_dtype(self) -> torch.dtype:
