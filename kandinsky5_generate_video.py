@@ -26,6 +26,7 @@ import torch
 
 from kandinsky5.cli import (
     add_attention_args,
+    add_compile_args,
     add_config_file_arg,
     add_memory_args,
     add_model_args,
@@ -36,7 +37,13 @@ from kandinsky5.cli import (
 )
 from kandinsky5.common import UserError, atomic_path, get_logger, parse_dtype, resolve_device
 from kandinsky5.configs import TaskConfig
-from kandinsky5.sampling.pipeline import GenerationRequest, GenerationResult, Kandinsky5Pipeline, request_from_line
+from kandinsky5.sampling.pipeline import (
+    CFG_MODES,
+    GenerationRequest,
+    GenerationResult,
+    Kandinsky5Pipeline,
+    request_from_line,
+)
 from kandinsky5.sampling.prompts import PromptLine, read_prompt_file
 from kandinsky5.sampling.video_io import check_writable, to_uint8_frames, write_image, write_video
 
@@ -59,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add_attention_args(parser)
     add_memory_args(parser)
+    add_compile_args(parser)
     add_config_file_arg(parser)
     _add_generation_args(parser)
     _add_conditioning_args(parser)
@@ -91,6 +99,13 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--steps", type=int, default=None, help="denoising steps (task default, 50 for most)")
     g.add_argument("--guidance", type=float, default=None, help="CFG weight; 1 disables the negative pass (task)")
+    g.add_argument(
+        "--cfg_mode",
+        choices=CFG_MODES,
+        default="auto",
+        help="cond + negative DiT calls: auto (default: the faster one measured for the device, two calls on the "
+        "CPU, batched on CUDA), batched (one call, padded text), two_calls (as official)",
+    )
     g.add_argument(
         "--scheduler_scale", type=float, default=None, help="time-grid shift s in t = s*u/(1+(s-1)*u) (task default)"
     )
@@ -247,6 +262,7 @@ def _plan_outputs(args, requests: list[GenerationRequest]) -> tuple[list[Path | 
 def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
     """Everything about the DiT side that can be checked before any model is loaded -> (attention, memory)."""
     from kandinsky5.memory.build import memory_config_from_args
+    from kandinsky5.memory.compile import compile_config_from_args
     from kandinsky5.model.loading import checkpoint_files
 
     if not args.dit:
@@ -256,6 +272,7 @@ def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
     for path in args.lora_weight:
         if not Path(path).is_file():
             raise UserError(f"--lora_weight {path} does not exist")
+    args.compile_config = compile_config_from_args(args, resolve_device(args.device).type, args.blocks_to_swap)
     return attention_spec_from_args(args, task), memory_config_from_args(args)
 
 
@@ -335,7 +352,7 @@ def _apply_loras(dit: torch.nn.Module, args: argparse.Namespace, task: TaskConfi
 def _load_dit(args: argparse.Namespace, task: TaskConfig, device, dtype, attention, memory):
     from kandinsky5.memory.build import build_dit
 
-    return build_dit(task, args.dit, device, dtype, attention, memory, training=False)
+    return build_dit(task, args.dit, device, dtype, attention, memory, training=False, compile=args.compile_config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=dtype,
         qwen_4bit=args.qwen_4bit,
         vae_tiling=args.vae_tiling,
+        cfg_mode=args.cfg_mode,
     )
     pipe.encode_prompts(requests)
     pipe.release_text_encoder()

@@ -19,8 +19,9 @@ Sampler (official ``generation_utils.generate``; ``architecture.md`` 4.2-4.5)
 * Time grid: ``u_k = 1 - k/N`` (``linspace(1, 0, N+1)``), ``t_k = s*u_k / (1 + (s-1)*u_k)``, s = scheduler_scale;
   explicit Euler ``x <- x + (t_{k+1} - t_k) * v`` with the DiT time ``1000 * t_k``.
 * CFG ``v = v_u + w (v_c - v_u)`` with the negative prompt; the unconditional pass is skipped when ``|w - 1| <=
-  1e-6``.  Unlike official (two forwards), cond and uncond run as **one batched DiT call**: both rows of x are the
-  same, and texts of different lengths are right-padded with a key mask, which the DiT handles exactly.
+  1e-6``.  Cond and uncond run as two DiT calls (as official) or as **one batched call** (both rows of x are the
+  same, and texts of different lengths are right-padded with a key mask, which the DiT handles exactly), whichever
+  ``cfg_batched`` picks for the device (measured rule; ``--cfg_mode`` forces one).
 * I2V (official): before every step the noisy latent's frame 0 is overwritten with the clean image latent, the mask
   channel is 1 on frame 0 and the 16 cond channels stay zero; after the last step frame 0 is pasted again and
   ``normalize_first_frame`` renormalises latent frames 0-3 toward frames 4-8 (per-frame mean/std, reference
@@ -53,6 +54,9 @@ from kandinsky5.memory.dtype_policy import FP8_DTYPE, FP32_PARAMS
 from kandinsky5.model import flow
 from kandinsky5.model.text_encoders import TextEmbeds, TextEncoder
 from kandinsky5.model.vae import VideoVAE
+from kandinsky5.sampling.guidance import CFG_MODES, cfg_batched, cfg_inputs
+from kandinsky5.sampling.guidance import cfg_text as _cfg_text  # noqa: F401 -- tests and bench use these names
+from kandinsky5.sampling.guidance import velocity as _velocity
 from kandinsky5.sampling.prompts import PromptLine
 from kandinsky5.sampling.video_io import image_to_tensor, load_image, to_uint8_frames
 
@@ -66,6 +70,8 @@ __all__ = [
     "request_from_line",
     "Kandinsky5Pipeline",
     "sample_latents",
+    "CFG_MODES",
+    "cfg_batched",
     "initial_noise",
     "dit_input",
     "normalize_first_frame",
@@ -211,33 +217,6 @@ def _placement(dit: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return first.device, first.dtype
 
 
-def _cfg_text(cond: TextEmbeds, uncond: TextEmbeds | None, guidance: float) -> TextEmbeds:
-    """cond rows, followed by the uncond rows (one uncond row is repeated for every cond row) when CFG is on."""
-    if not flow.needs_uncond(guidance):
-        return cond
-    if uncond is None:
-        raise ValueError(f"guidance {guidance} needs unconditional (negative-prompt) embeddings")
-    rows = range(len(cond))
-    uncond_rows = [0] * len(cond) if len(uncond) == 1 else rows
-    if len(uncond) not in (1, len(cond)):
-        raise ValueError(f"{len(uncond)} negative embeddings for {len(cond)} prompts")
-    items = [cond.unpadded(i) for i in rows] + [uncond.unpadded(j) for j in uncond_rows]
-    return TextEmbeds.pad_stack(items)
-
-
-def _velocity(dit, model_in: torch.Tensor, text: TextEmbeds, t: torch.Tensor, spec: SamplingSpec, dtype):
-    """One batched DiT call (cond rows, then uncond rows when CFG is on) -> guided velocity in fp32."""
-    batch = model_in.shape[0]
-    cfg = flow.needs_uncond(spec.guidance)
-    x = torch.cat([model_in, model_in]) if cfg else model_in
-    time = flow.dit_time(t).expand(x.shape[0]).to(x.device)
-    v = dit(x.to(dtype), text.embeds, text.mask, text.pooled, time, scale_factor=spec.rope_scale).float()
-    if not cfg:
-        return v
-    v_cond, v_uncond = v.split(batch)
-    return flow.cfg_combine(v_cond, v_uncond, spec.guidance)
-
-
 @torch.no_grad()
 def sample_latents(
     dit,
@@ -249,12 +228,13 @@ def sample_latents(
     progress: bool = True,
     *,
     noise: torch.Tensor | None = None,
+    cfg_mode: str = "auto",
 ) -> torch.Tensor:
     """Denoise ``initial_noise(spec, len(cond))`` (or ``noise``) -> (B, T, h, w, 16) fp32 latents on the CPU.
 
     ``dit(x, text_embed, text_mask, pooled, time, scale_factor)`` is any module with the DiT's signature; its device
     and compute dtype are read from its parameters.  ``uncond`` may hold one row (shared) or one per prompt; it is
-    unused when ``|guidance - 1| <= 1e-6``.
+    unused when ``|guidance - 1| <= 1e-6``.  ``cfg_mode``: see :func:`cfg_batched`.
     """
     device, dtype = _placement(dit)
     x = (initial_noise(spec, len(cond)) if noise is None else noise.float()).to(device)
@@ -262,7 +242,7 @@ def sample_latents(
     last = None if last_latent is None else last_latent.to(device, torch.float32)
     if last is not None and x.shape[1] < 3:
         raise ValueError("a last-frame latent needs at least 3 latent frames (9 video frames)")
-    text = _cfg_text(cond, uncond, spec.guidance).to(device, dtype)
+    text = cfg_inputs(cond, uncond, spec.guidance, cfg_batched(cfg_mode, device), device, dtype)
     sigmas = flow.sampling_sigmas(spec.steps, spec.scheduler_scale)
     visual_cond = dit.config.visual_cond
     for k in tqdm(range(spec.steps), desc="denoising", disable=not progress, leave=False):
@@ -412,8 +392,10 @@ class Kandinsky5Pipeline:
         dtype: torch.dtype = torch.bfloat16,
         qwen_4bit: bool = False,
         vae_tiling: bool = False,
+        cfg_mode: str = "auto",
     ):
         self.task = task
+        self.cfg_mode = cfg_mode  # see cfg_batched
         self.device, self.dtype = torch.device(device), dtype
         self._paths = {"qwen": text_encoder_qwen, "clip": text_encoder_clip, "vae": vae_path}
         self._qwen_4bit, self._vae_tiling = qwen_4bit, vae_tiling
@@ -513,7 +495,9 @@ class Kandinsky5Pipeline:
         self.encode_prompts([r])
         cond = self.embeds([r.prompt], template)
         uncond = self.embeds([r.negative_prompt], template) if flow.needs_uncond(r.spec.guidance) else None
-        return sample_latents(dit, cond, uncond, r.spec, prepared.first, prepared.last, progress)
+        return sample_latents(
+            dit, cond, uncond, r.spec, prepared.first, prepared.last, progress, cfg_mode=self.cfg_mode
+        )
 
     def generate_iter(
         self,

@@ -1,0 +1,88 @@
+"""Classifier-free guidance calls of the sampler: the text batches and the DiT call(s) of one guided step.
+
+``v = v_u + w (v_c - v_u)``; the unconditional pass is skipped when ``|w - 1| <= 1e-6`` (``flow.needs_uncond``).
+Two ways to get ``v_c`` and ``v_u`` for latents ``x`` (B, T, h, w, C), the same numbers up to round-off:
+
+* two DiT calls, as official: the cond texts (B rows) and the uncond texts (B rows, one shared negative repeated)
+  each padded on their own (``cfg_inputs(..., batched=False)`` returns the pair);
+* one batched call: x repeated to 2B rows, cond rows then uncond rows of text right-padded to one length with a
+  key mask, which the DiT handles exactly (``cfg_text``).
+
+:func:`cfg_batched` picks one for ``--cfg_mode`` (``auto``: the rule measured by ``bench/bench_sampling.py``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kandinsky5.common import UserError
+from kandinsky5.model import flow
+from kandinsky5.model.text_encoders import TextEmbeds
+
+if TYPE_CHECKING:
+    from kandinsky5.sampling.pipeline import SamplingSpec
+
+__all__ = ["CFG_MODES", "cfg_batched", "cfg_text", "cfg_inputs", "velocity"]
+
+CFG_MODES = ("auto", "batched", "two_calls")
+
+
+def cfg_text(cond: TextEmbeds, uncond: TextEmbeds | None, guidance: float) -> TextEmbeds:
+    """cond rows, followed by the uncond rows (one uncond row is repeated for every cond row) when CFG is on."""
+    if not flow.needs_uncond(guidance):
+        return cond
+    if uncond is None:
+        raise ValueError(f"guidance {guidance} needs unconditional (negative-prompt) embeddings")
+    rows = range(len(cond))
+    uncond_rows = [0] * len(cond) if len(uncond) == 1 else rows
+    if len(uncond) not in (1, len(cond)):
+        raise ValueError(f"{len(uncond)} negative embeddings for {len(cond)} prompts")
+    items = [cond.unpadded(i) for i in rows] + [uncond.unpadded(j) for j in uncond_rows]
+    return TextEmbeds.pad_stack(items)
+
+
+def cfg_batched(mode: str, device: torch.device) -> bool:
+    """Whether cond and uncond run as one batched DiT call (``--cfg_mode``: auto, batched, two_calls).
+
+    auto is the measured rule (``bench/bench_sampling.py``, docs/performance.md): on the CPU two calls are faster
+    (the batched call pads the shorter text and masks every text/cross attention, and batching saves nothing on
+    matmuls that are already compute-bound); on CUDA the batched call (one launch sequence, weights read once).
+    """
+    if mode not in CFG_MODES:
+        raise UserError(f"--cfg_mode must be one of {', '.join(CFG_MODES)}; got {mode!r}")
+    if mode == "auto":
+        return device.type == "cuda"
+    return mode == "batched"
+
+
+def cfg_inputs(cond: TextEmbeds, uncond: TextEmbeds | None, guidance: float, batched: bool, device, dtype):
+    """The text side of the CFG calls: one padded batch (batched) or the (cond, uncond) pair (two calls)."""
+    if batched or not flow.needs_uncond(guidance):
+        return cfg_text(cond, uncond, guidance).to(device, dtype)
+    rows = cfg_text(cond, uncond, guidance)
+    n = len(cond)
+    uncond_rows = TextEmbeds.pad_stack([rows.unpadded(i) for i in range(n, 2 * n)])
+    return cond.to(device, dtype), uncond_rows.to(device, dtype)
+
+
+def velocity(dit, model_in: torch.Tensor, text, t: torch.Tensor, spec: SamplingSpec, dtype):
+    """Guided velocity in fp32: ``text`` is one batch (cond rows, then uncond rows when CFG is on; one DiT call)
+    or a (cond, uncond) pair (two DiT calls, as official)."""
+    if isinstance(text, tuple):
+        time = flow.dit_time(t).expand(model_in.shape[0]).to(model_in.device)
+        v_cond, v_uncond = (
+            dit(model_in.to(dtype), te.embeds, te.mask, te.pooled, time, scale_factor=spec.rope_scale).float()
+            for te in text
+        )
+        return flow.cfg_combine(v_cond, v_uncond, spec.guidance)
+    batch = model_in.shape[0]
+    cfg = flow.needs_uncond(spec.guidance)
+    x = torch.cat([model_in, model_in]) if cfg else model_in
+    time = flow.dit_time(t).expand(x.shape[0]).to(x.device)
+    v = dit(x.to(dtype), text.embeds, text.mask, text.pooled, time, scale_factor=spec.rope_scale).float()
+    if not cfg:
+        return v
+    v_cond, v_uncond = v.split(batch)
+    return flow.cfg_combine(v_cond, v_uncond, spec.guidance)
