@@ -71,8 +71,11 @@ def add_model_args(parser: argparse.ArgumentParser, dit: bool = True, vae: bool 
 
 
 def add_attention_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("attention (choose at most one backend; default SDPA)")
-    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled_dot_product_attention (default)")
+    g = parser.add_argument_group(
+        "attention (choose at most one backend; default auto: FlashAttention 3/2 for bf16/fp16 on a GPU when "
+        "installed, else SDPA's exact fused kernels; SDPA on the CPU; the choice is logged)"
+    )
+    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled_dot_product_attention, its own kernel choice")
     g.add_argument("--flash_attn", action="store_true", help="FlashAttention 2 for visual self-attention")
     g.add_argument("--flash3", action="store_true", help="FlashAttention 3 (Hopper) for visual self-attention")
     g.add_argument("--sage_attn", action="store_true", help="SageAttention (int8 q/k; not bit-faithful)")

@@ -55,7 +55,7 @@ ROPE_THETA = 10000.0
 class AttentionSpec:
     """How visual self-attention runs: a dense backend name, or NABLA (which then ignores the backend)."""
 
-    backend: str = "sdpa"
+    backend: str = "auto"
     nabla: NablaConfig | None = None
 
 
