@@ -47,7 +47,6 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,6 +63,7 @@ from kandinsky5.train.objective import TrainBatch, flow_matching_loss  # noqa: E
 from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler  # noqa: E402
 from kandinsky5.train.step import finish_step  # noqa: E402
 from networks.lora_kandinsky import create_network  # noqa: E402
+from tests.helpers import plain_gated_residual, plain_modulate, plain_rope  # noqa: E402 -- the pre-fusion formulas
 
 # FlopCounterMode knows the CUDA attention kernels but not PyTorch's CPU flash-attention ops: same formulas.
 _ATEN = torch.ops.aten
@@ -94,6 +94,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=32, help="LoRA rank = alpha (32)")
     p.add_argument("--ceiling_size", type=int, default=2048, help="square matmul size for the ceilings (2048)")
     p.add_argument("--compile", action="store_true", help="add the compiled variant (inductor)")
+    p.add_argument("--compile_mode", default="default", help="inductor mode of the compiled variant (default)")
     p.add_argument("--no_before", action="store_true", help="skip the 'eager, before' variant")
     p.add_argument("--musubi", default=None, help="musubi-tuner checkout (default: $MUSUBI_TUNER_PATH; else skipped)")
     p.add_argument("--no_profile", action="store_true", help="skip the per-op profile table")
@@ -110,23 +111,6 @@ def parse(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _plain_modulate(x, shift, scale):
-    normed = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-5)
-    return (normed * (scale + 1.0) + shift).type_as(x)
-
-
-def _plain_gated_residual(x, gate, out):
-    return (x.float() + gate * out.float()).type_as(x)
-
-
-def _plain_rope(x, cos, sin):
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2)
-    return rotated.to(torch.bfloat16).type_as(x)
-
-
 def _plain_lora_forward(self, x, *args, **kwargs):
     y = self._attached[1](x, *args, **kwargs)
     return y if self.multiplier == 0.0 else y + self.branch(x).to(y.dtype)
@@ -134,7 +118,7 @@ def _plain_lora_forward(self, x, *args, **kwargs):
 
 @contextlib.contextmanager
 def _plain_helpers():
-    names = {"modulate": _plain_modulate, "gated_residual": _plain_gated_residual, "apply_rope": _plain_rope}
+    names = {"modulate": plain_modulate, "gated_residual": plain_gated_residual, "apply_rope": plain_rope}
     saved = {n: getattr(dit_module, n) for n in names}
     for n, f in names.items():
         setattr(dit_module, n, f)
@@ -193,7 +177,7 @@ class Ours:
             for _, lora in self.network.items():
                 lora._attached[0].forward = types.MethodType(_plain_lora_forward, lora)
         if name == "ours, compiled":
-            compile_blocks(self.dit, CompileConfig(enabled=True))
+            compile_blocks(self.dit, CompileConfig(enabled=True, mode=args.compile_mode))
         self.params = [p for p in self.network.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, OptimizerConfig("AdamW", 1e-4))
         self.scheduler = build_scheduler(self.optimizer, SchedulerConfig("constant"), 10**6)
@@ -371,7 +355,7 @@ def child_rss(args, name: str) -> float | None:
     """Peak RSS (MB) of a fresh process that builds only ``name`` and runs a warm-up + 2 steps."""
     cmd = [sys.executable, __file__, "--rss_child", name, "--batches", args.batches.split(",")[0]]
     for flag in ("dtype", "model_dim", "text_blocks", "visual_blocks", "frames", "size", "text_len",
-                 "short_text_len", "rank"):  # fmt: skip
+                 "short_text_len", "rank", "compile_mode"):  # fmt: skip
         cmd += [f"--{flag}", str(getattr(args, flag))]
     if args.musubi:
         cmd += ["--musubi", args.musubi]

@@ -25,7 +25,7 @@ from kandinsky5.memory.compile import CompileConfig, compile_blocks, compile_con
 from kandinsky5.memory.fp8 import convert_to_fp8
 from kandinsky5.model.dit import AttentionSpec, DiT
 from networks.lora_kandinsky import create_network
-from tests.helpers import randomize_, rel_close
+from tests.helpers import randomize_, rel_close, rope_without_bf16_rounding
 
 CFG = get_task("k5-tiny-t2v").dit  # 1 text + 4 visual blocks, D = 128
 SMALL = dataclasses.replace(CFG, num_visual_blocks=1, model_dim=64, ff_dim=128, time_dim=32)
@@ -124,19 +124,10 @@ def test_missing_compiler_is_named(monkeypatch):
 # ---- composition (aot_eager) ------------------------------------------------------------------------------------
 
 
-def _rope_without_bf16_rounding(x, cos, sin):
-    """The DiT rounds q/k (and so their gradients) to bf16 after RoPE, as official; that turns the compiled graph's
-    other summation order into bf16 ulps of some gradients.  Off here, so the comparison can be tight."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
-
-
 def test_composes_with_swap_checkpointing_offload_fp8_nabla_and_a_later_lora(monkeypatch, caplog):
     """Block swap (hooks), checkpointing + offload (wrappers), fp8 layers, NABLA and a LoRA attached after
     compiling (traced at the first call) give the eager model's loss and gradients; one log line; keys unchanged."""
-    monkeypatch.setattr("kandinsky5.model.dit.apply_rope", _rope_without_bf16_rounding)
+    monkeypatch.setattr("kandinsky5.model.dit.apply_rope", rope_without_bf16_rounding)
     ref_dit, ref_net = _model(THREE, fp8=True, nabla=True)
     memory.enable_gradient_checkpointing(ref_dit, cpu_offload=True)
     dit, _ = _model(THREE, fp8=True, nabla=True, lora=False)

@@ -15,7 +15,7 @@ from kandinsky5.configs import get_task
 from kandinsky5.model.dit import DiT
 from networks.lora import LoRAModule, LoRANetwork, SharedDown
 from networks.lora_kandinsky import create_network, save_lora, shared_input_key
-from tests.helpers import randomize_, rel_close
+from tests.helpers import randomize_, rel_close, rope_without_bf16_rounding
 
 TINY = get_task("k5-tiny-t2v").dit
 
@@ -60,18 +60,10 @@ def test_groups_are_formed_at_injection():
     )
 
 
-def _rope_without_bf16_rounding(x, cos, sin):
-    """The DiT rounds q/k to bf16 after RoPE (as official), which turns fp32 round-off into bf16 ulps; off here."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
-
-
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_fused_equals_unfused(autocast, monkeypatch):
     if not autocast:
-        monkeypatch.setattr("kandinsky5.model.dit.apply_rope", _rope_without_bf16_rounding)
+        monkeypatch.setattr("kandinsky5.model.dit.apply_rope", rope_without_bf16_rounding)
     dit, net, inputs = _setup()
     calls = []
     monkeypatch.setattr(SharedDown, "take", _counting(SharedDown.take, calls))
