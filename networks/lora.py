@@ -11,7 +11,7 @@ Maths (per target Linear ``W: in -> out``, rank r, alpha a, multiplier m)::
 Computed as ``addmm(base(x), down(x), up.T, alpha=m * a / r)``: one GEMM accumulates the branch into the base
 output (no full-size temporary, no separate add).  Modules that read one input (q/k/v of an attention) share one
 down-projection matmul (:class:`SharedDown`).  Both only change how the same sum is evaluated; weights, state-dict
-keys and files are per module as before.
+keys and files are per module as before (``networks.lora_fast``).
 
 Injection wraps the *module's forward* (``base.forward`` is replaced by ``LoRAModule.forward``, which calls the
 original bound forward first), so whatever the base layer does -- a plain Linear, an fp8 Linear that dequantises
@@ -58,6 +58,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from networks.lora_fast import SharedDown, add_up_projection, group_shared_inputs
 
 __all__ = [
     "DEFAULT_TOKEN",
@@ -181,7 +183,7 @@ class LoRAModule(nn.Module):
         if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
             return y
         h, scale = self._regularised(self.down(x) if h is None else h)
-        return _add_up_projection(y, h, self.lora_up.weight, scale)
+        return add_up_projection(y, h, self.lora_up.weight, scale)
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """The rank activation ``down(x)`` (..., r), in x's dtype."""
@@ -208,56 +210,6 @@ class LoRAModule(nn.Module):
         """``m * scale * up @ down`` in fp32, shape (out, in)."""
         m = self.multiplier if multiplier is None else multiplier
         return (self.lora_up.weight.float() @ self.lora_down.weight.float()) * (m * self.scale)
-
-
-def _add_up_projection(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
-    """``y + scale * h @ up.T`` as one GEMM that accumulates into a copy of y (no full-size temporary or add).
-
-    Falls back to the plain add when the base output's dtype differs from the branch's (y keeps its dtype).
-    """
-    up = up.to(h.dtype)
-    if y.dtype != h.dtype:
-        return y + F.linear(h * scale, up).to(y.dtype)
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(), alpha=scale)
-    return out.view(y.shape)
-
-
-class SharedDown:
-    """LoRA modules whose base Linears read the same input tensor (q, k, v of one attention).
-
-    The first member called with an input ``x`` computes every member's rank activation in one matmul (the down
-    weights concatenated, the result split, so autograd also runs one matmul per gradient) and leaves the others'
-    rows for them; a member called with that same tensor object takes its rows.  The result equals each member's
-    own ``down(x)`` up to matmul round-off.  If a member is called with a different input while rows are still
-    pending, the grouping was wrong for this model: the group switches itself off and every member computes alone.
-    Members are addressed by position, never by object identity, so torch.compile traces every group alike.
-    """
-
-    def __init__(self, members: Sequence[LoRAModule]):
-        self.members = list(members)
-        self.enabled = True
-        self._input: torch.Tensor | None = None
-        self._pending: list[torch.Tensor | None] = [None] * len(self.members)
-
-    def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Member ``index``'s rank activation of x (computed now for the whole group, or left by an earlier member)."""
-        if not self.enabled:
-            return None
-        rows = self._pending[index]
-        if rows is not None and self._input is x:
-            self._pending[index] = None
-            if all(p is None for p in self._pending):
-                self._input = None
-            return rows
-        if any(p is not None for p in self._pending):  # rows left unused: members do not share their input here
-            self.enabled, self._input, self._pending = False, None, [None] * len(self.members)
-            log.debug("LoRA %s: inputs are not shared; fused down-projection off", self.members[index].lora_name)
-            return None
-        weight = torch.cat([m.lora_down.weight for m in self.members]).to(x.dtype)
-        pending: list[torch.Tensor | None] = list(F.linear(x, weight).split([m.rank for m in self.members], dim=-1))
-        own, pending[index] = pending[index], None
-        self._pending, self._input = pending, x
-        return own
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,19 +326,8 @@ class LoRANetwork(nn.Module):
             if (base.in_features, base.out_features) != (lora.lora_down.in_features, lora.lora_up.out_features):
                 raise ValueError(f"LoRA {name} shape does not match the model's Linear {tuple(base.weight.shape)}")
             lora.attach(base)
-        self._group_shared_inputs()
-
-    def _group_shared_inputs(self) -> None:
-        """Attach a :class:`SharedDown` to every set of >= 2 modules with the same ``shared_input_key``."""
-        groups: dict[str, list[LoRAModule]] = {}
-        for name, lora in self.items():
-            key = self.shared_input_key(name) if self.shared_input_key is not None else None
-            if key is not None:
-                groups.setdefault(key, []).append(lora)
-        for members in groups.values():
-            shared = SharedDown(members) if len(members) > 1 else None
-            for i, lora in enumerate(members):
-                lora._shared, lora._shared_index = shared, i
+        if self.shared_input_key is not None:
+            group_shared_inputs(list(self.items()), self.shared_input_key)
 
     def remove(self) -> None:
         """Restore every original forward (reverse order, so nested wrappers unwind cleanly)."""
