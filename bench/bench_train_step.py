@@ -24,7 +24,8 @@ medians (and minima) over rounds.  "CPU s" is the process CPU time per step (all
 wall time to other jobs on a shared machine.  FLOPs of the DiT part (forward + backward of the loss) are counted by
 ``torch.utils.flop_counter.FlopCounterMode`` (plus torch's own SDPA formulas for the CPU flash kernels, which the
 counter lacks); the ceilings are the best 2048^3 matmul in bf16 and in fp32, re-measured every round.  Peak RSS is
-measured per variant in a fresh child process (warm-up + 2 steps), so variants do not share one high-water mark.
+measured per variant in a fresh child process (warm-up + 2 steps; Linux VmHWM), so variants do not share one
+high-water mark.
 The profile table splits one step's forward + backward (self CPU time) into attention, base linears, LoRA matmuls
 (by the rank in their shapes) and everything else (elementwise chains, norms, copies; for the compiled variant
 mostly its fused kernels).
@@ -372,8 +373,19 @@ def rss_child(args) -> int:
         (v,) = build_variants(args, int(args.batches), [args.rss_child], Path(tmp))
         for _ in range(3):
             run_step(v)
-    print(f"peak_rss_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+    print(f"peak_rss_mb={peak_rss_mb():.0f}")
     return 0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (Linux; reset at exec, unlike ru_maxrss, which a child inherits from the
+    parent it was forked from), else ru_maxrss."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ----------------------------------------------------------------------------------------------------------------
