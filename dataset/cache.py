@@ -81,8 +81,9 @@ _REQUIRED_META = {
 _JSON_KEYS = "json_keys"  # metadata entry listing the keys whose values are JSON-encoded (all non-strings)
 
 
-class CacheError(Exception):
-    """A cache file that is missing, damaged or made with other settings; the message says what to re-run."""
+class CacheError(UserError):
+    """A cache file that is missing, damaged or made with other settings; the message says what to re-run (a
+    ``UserError``: the scripts print it as one line, also when a DataLoader worker raised it)."""
 
 
 @dataclass(frozen=True)

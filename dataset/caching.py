@@ -24,9 +24,10 @@ trainer and the cachers agree on one definition:
   checks that each clip's template is in its text cache.
 
 Metadata written (all readable back typed by ``read_*``): latents: ``format_version, stage, item_key, vae, dtype,
-source_size, bucket_size, encoded_size, frame_indices, nabla_resize, kind, scaling_factor, posterior, vae_tiling,
-source_path``; text: ``format_version, stage, item_key, template, max_length, task_family, text_encoder, caption,
-dtype, qwen_4bit, task``.  The cachers' own ``--skip_existing`` check is stricter: it also compares the per-item
+source_size, bucket_size, encoded_size, frame_indices, source_frames, nabla_resize, kind, scaling_factor, posterior,
+vae_tiling, source_path``; text: ``format_version, stage, item_key, template, templates, max_length, task_family,
+text_encoder, caption, dtype, qwen_4bit, task``.  The trainer compares them with the current dataset TOML
+(``dataset.staleness``).  The cachers' own ``--skip_existing`` check is stricter: it also compares the per-item
 keys (item_key, sizes, frame indices, caption) and the settings (dtype, nabla_resize, qwen_4bit).
 
 Memory

@@ -70,9 +70,20 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
             import traceback
 
             traceback.print_exc()
-        message = str(exc) if isinstance(exc, UserError) else f"{exc.filename or 'a file'}: {exc.strerror}"
-        print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        message = _one_line(str(exc)) if isinstance(exc, UserError) else f"{exc.filename or 'a file'}: {exc.strerror}"
+        print(f"error: {message}", file=sys.stderr, flush=True)
         return 1
+
+
+def _one_line(message: str) -> str:
+    """A UserError re-raised by a DataLoader worker carries the worker's traceback text: keep its last line, the
+    original message; anything else multi-line is joined."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and any("Traceback (most recent call last)" in line for line in lines):
+        last = lines[-1]
+        head, sep, rest = last.partition(": ")
+        return rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
+    return " ".join(message.split())
 
 
 def get_logger(name: str) -> logging.Logger:

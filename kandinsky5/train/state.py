@@ -8,7 +8,9 @@ A state *directory* is created under a temporary name and renamed when complete
     optimizer.pt          optimizer.state_dict()
     scheduler.pt          LR scheduler state_dict()
     rng.pt                per rank: python / numpy / torch CPU / CUDA RNG states + the noise generator's state
-    progress.json         format, step, epoch, batches done in the epoch, seed, world size, task, LoRA file name
+    progress.json         format, step, epoch, batches done in the epoch, seed, world size, task, LoRA file name,
+                          and what ``--resume`` must match: mixed precision, optimizer class, network module,
+                          dim, alpha and args (``kandinsky5.train.startup.check_resume``); written last
 """
 
 from __future__ import annotations
