@@ -240,7 +240,7 @@ def _plan_outputs(args, requests: list[GenerationRequest]) -> tuple[list[Path | 
             raise UserError(f"--save_latents {path} already exists; pass --overwrite to replace it")
     if len(set(media + latents) - {None}) != len([p for p in media + latents if p is not None]):
         raise UserError("two generations would write the same file; use distinct --output and --save_latents")
-    check_output_files(_output_sizes(media, latents, requests), "output directory", "or write elsewhere")
+    check_output_files(_output_sizes(media, latents, requests), "output directory")
     return media, latents
 
 
@@ -385,8 +385,8 @@ def _decode_only(args: argparse.Namespace) -> int:
     frames_count = 4 * (latents.shape[1] - 1) + 1
     path = _media_path(args.output, 0, 1, frames_count)
     check_writable(path, args.overwrite)
-    check_output_files([(path, estimate_bytes(path, frames_count, 8 * latents.shape[3], 8 * latents.shape[2]))],
-                       "output directory", "or write elsewhere")  # fmt: skip
+    size = estimate_bytes(path, frames_count, 8 * latents.shape[3], 8 * latents.shape[2])
+    check_output_files([(path, size)], "output directory")
     device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
     from kandinsky5.model.vae import VideoVAE
 
