@@ -15,7 +15,9 @@ Per text cache: the recorded ``caption`` equals the current caption file / JSONL
 and task family are checked by ``dataset.latent_dataset.discover_items``.)
 
 Each problem is one sentence naming the cache file, what changed, and the caching script to re-run.  Items of the
-dataset that have no cache at all (new media, or media the cacher could not read) are reported as notes.
+dataset that have no cache at all (new media, or media the cacher could not read) and clips the frame settings now
+cut that are not cached (a new ``target_frames`` value; also windows past a video's last decodable frame, which
+are never cached) are reported as notes.
 """
 
 from __future__ import annotations
@@ -104,13 +106,22 @@ def _media(spec: DatasetSpec, result: Staleness) -> dict[str, Item] | None:
 def _check_latents(
     spec: DatasetSpec, items: list[CachedItem], media: dict[str, Item] | None, vae: str | None, result: Staleness
 ) -> None:
-    cached_keys = set()
+    cached_keys, windows = set(), {}
     for item in items:
         meta = read_cache_meta(item.latent_path, "latents")
         cached_keys.add(item.item_key)
         problem = _latent_problem(spec, meta, media, vae)
         if problem:
             result.add(LATENT_SCRIPT, f"{item.latent_path.name} {problem}")
+        if spec.kind == "video" and meta.get("source_frames") is not None:
+            cached = windows.setdefault(item.item_key, (int(meta["source_frames"]), set()))[1]
+            cached.add(tuple(meta["frame_indices"]))
+    missing = sum(len(_windows(spec, n) - cached) for n, cached in windows.values())
+    if missing:  # a note, not an error: windows past a video's last decodable frame are never cached
+        result.notes.append(
+            f"{spec.name}: the frame settings cut {missing} clip(s) that are not cached (new target_frames or "
+            f"extraction settings?); run {LATENT_SCRIPT} --skip_existing to add them"
+        )
     if media is not None:
         uncached = sorted(set(media) - cached_keys)
         if uncached:
@@ -146,10 +157,7 @@ def _frames_problem(spec: DatasetSpec, frames: list[int], source_frames: int | N
         return f"has {len(frames)} frames but target_frames is now {list(spec.target_frames)}"
     if source_frames is None:
         return ""
-    timeline = len(resample_indices(int(source_frames), spec.source_fps))
-    windows = frame_windows(timeline, spec.target_frames, spec.frame_extraction, spec.frame_stride,
-                            spec.frame_sample, spec.max_frames)  # fmt: skip
-    if frames not in windows:
+    if tuple(frames) not in _windows(spec, int(source_frames)):
         return (
             f"holds frames {frames[0]}-{frames[-1]}, a clip the current frame settings (frame_extraction "
             f"{spec.frame_extraction!r}, frame_stride, frame_sample, max_frames, source_fps) no longer cut"
@@ -172,3 +180,11 @@ def _check_captions(
 
 def _short(text: str, n: int = 40) -> str:
     return repr(text if len(text) <= n else text[: n - 3] + "...")
+
+
+def _windows(spec: DatasetSpec, source_frames: int) -> set[tuple[int, ...]]:
+    """The frame windows (24 fps timeline) the current settings cut from a video of ``source_frames`` frames."""
+    timeline = len(resample_indices(source_frames, spec.source_fps))
+    cut = frame_windows(timeline, spec.target_frames, spec.frame_extraction, spec.frame_stride, spec.frame_sample,
+                        spec.max_frames)  # fmt: skip
+    return {tuple(w) for w in cut}

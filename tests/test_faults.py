@@ -358,6 +358,38 @@ def test_stale_caches_are_refused_with_the_command_to_rerun(tiny_bundle, tmp_pat
     assert_unchanged(before)
 
 
+def test_frame_windows_are_rederived_from_the_recorded_video_length(tmp_path):
+    from dataset.cache import read_latent_cache, write_latent_cache
+    from dataset.config import load_dataset_config
+    from dataset.latent_dataset import discover_items
+    from dataset.staleness import find_stale
+    from kandinsky5.configs import get_task
+
+    toml = with_media(tmp_path, n_items=1)  # one 9-frame clip
+    latent = next((tmp_path / "cache").glob("*_k5.safetensors"))
+    cache = read_latent_cache(latent)
+    meta = {k: v for k, v in cache.meta.items() if k not in ("stage", "format_version", "json_keys", "dtype")}
+    text = toml.read_text()
+
+    def stale(frames, source_frames=17, settings="target_frames = [9]"):
+        write_latent_cache(latent, cache.latents, cache.latents_image,
+                           {**meta, "frame_indices": frames, "source_frames": source_frames})  # fmt: skip
+        toml.write_text(text.replace("target_frames = [9]", settings))
+        config = load_dataset_config(toml)
+        return find_stale(config, discover_items(config, get_task("k5-tiny-t2v")))
+
+    fresh = stale(list(range(9)))
+    assert not fresh and not fresh.notes
+    more = stale(list(range(9)), settings="target_frames = [5, 9]")
+    assert not more and more.notes == ["datasets[0]: the frame settings cut 1 clip(s) that are not cached (new "
+                                       "target_frames or extraction settings?); run kandinsky5_cache_latents.py "
+                                       "--skip_existing to add them"]  # fmt: skip
+    moved = stale(list(range(4, 13)))  # head extraction never cuts frames 4-12
+    assert "holds frames 4-12, a clip the current frame settings" in moved.message(toml)
+    slide = stale(list(range(4, 13)), settings='target_frames = [9]\nframe_extraction = "slide"\nframe_stride = 4')
+    assert not slide and "cut 2 clip(s) that are not cached" in slide.notes[0]  # starts 0 and 8 are missing
+
+
 def test_one_frame_clips_need_the_image_template(tmp_path):
     from dataset.config import load_dataset_config
     from dataset.latent_dataset import discover_items
