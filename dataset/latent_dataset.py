@@ -73,6 +73,7 @@ class CachedItem:
     dataset_index: int
     batch_size: int
     num_repeats: int
+    item_key: str = ""  # the media item (all clips of one video share it); the validation split hashes it
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def discover_items(config: DatasetConfig, task: TaskConfig) -> list[CachedItem]:
                 if text not in checked:
                     _check_text(text, task)
                     checked.add(text)
-                items.append(CachedItem(path, text, shape, spec.index, spec.batch_size, spec.num_repeats))
+                items.append(CachedItem(path, text, shape, spec.index, spec.batch_size, spec.num_repeats, key))
     except CacheError as exc:
         raise UserError(str(exc)) from None
     return items

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kandinsky5.common import UserError, get_logger
+from kandinsky5.common import UserError, close_progress_bars, get_logger
 from kandinsky5.configs import NablaConfig, TaskConfig, get_task, task_names
 from kandinsky5.model.attention import backend_from_flags, resolve_backend
 
@@ -205,5 +205,6 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     try:
         return main(argv) or 0
     except UserError as exc:
+        close_progress_bars()  # the error gets a line of its own, and no bar is redrawn after it
         print(f"error: {exc}", file=sys.stderr)
         return 1

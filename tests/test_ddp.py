@@ -51,7 +51,8 @@ def test_two_gloo_ranks_end_with_identical_lora_weights(tiny_bundle, tmp_path):
     assert len(rng) == 2 and not torch.equal(rng[0]["generator"], rng[1]["generator"])  # per-rank noise streams
     lora = load_file(out / "lora.safetensors")
     assert any(float(v.abs().max()) > 0 for k, v in lora.items() if k.endswith("lora_B.weight"))  # default format
-    assert sorted(p.name for p in out.iterdir()) == ["lora-state", "lora.safetensors"]  # rank 0 only, no temp dirs
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "lora-state", "lora.safetensors"]  # rank 0, no temps
+    assert len(list((out / "logs").iterdir())) == 1  # one run folder, from rank 0
 
 
 def _bucketed_all_reduce_worker(rank: int, port: int, result) -> None:

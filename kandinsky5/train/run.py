@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -58,6 +58,8 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     last_checkpoint: Path | None = None
     sampler: TrainingSampler | None = None
+    validator: Any = None  # kandinsky5.train.validation.Validator, None without validation items
+    monitor: Any = None  # kandinsky5.train.monitor.Monitor: console, trackers, history (saved in the state)
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -91,6 +93,8 @@ def resume_run(run: Run, path: Path) -> None:
     restore_rng(rng[run.ctx.rank], run.generator)
     run.seed, run.last_checkpoint = meta["seed"], path
     run.progress = Progress(meta["step"], meta["epoch"], meta["batches_in_epoch"])
+    if run.monitor is not None:
+        run.monitor.restore(path, run.progress.step)  # curves, moving average, run folder
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, *asdict(run.progress).values())
 
 
@@ -131,8 +135,12 @@ def save_checkpoint(run: Run, stem: str, state: bool) -> None:
         if state:
             info = {"seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": path.name}
             writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, info)
+            if run.monitor is not None:
+                writers.update(run.monitor.state_files())
             run.last_checkpoint = write_state_dir(cfg.save.output_dir / f"{stem}-state", writers)
         log.info("saved %s%s", path, " (+ state)" if state else "")
+        if run.monitor is not None:
+            run.monitor.on_save(run.progress.step, path)  # loss.png and history.json
     run.ctx.barrier()
 
 
