@@ -142,3 +142,15 @@ def test_validation_needs_items_and_counts_only_training_items(tiny_bundle, tmp_
     held = _history(out)["validation"][0]["items"]
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         assert int(f.metadata()["ss_num_train_items"]) == 4 - held >= 1
+
+
+def test_is_validation_is_a_dataset_key_only():
+    from dataset.config import parse_dataset_config
+
+    table = {"video_directory": "v", "cache_directory": "c", "caption_extension": ".txt"}
+    cfg = parse_dataset_config({"datasets": [table, {**table, "cache_directory": "d", "is_validation": True}]})
+    assert [d.is_validation for d in cfg.datasets] == [False, True]
+    with pytest.raises(UserError, match=r"datasets\[0\].is_validation: invalid value 'yes'; valid: true or false"):
+        parse_dataset_config({"datasets": [{**table, "is_validation": "yes"}]})
+    with pytest.raises(UserError, match="general: unknown key 'is_validation'"):
+        parse_dataset_config({"general": {"is_validation": True}, "datasets": [table]})

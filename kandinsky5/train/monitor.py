@@ -196,7 +196,8 @@ class Monitor:
             self.tracker.image(f"samples/{out.index:02d}", frame_strip(out.frames), step, out.request.prompt)
 
     def on_save(self, step: int, path: Path) -> None:
-        """A LoRA was written (rank 0): record it and refresh ``loss.png`` and ``history.json``."""
+        """A LoRA was written (rank 0, before its state directory): record it, refresh ``loss.png`` and
+        ``history.json``."""
         self.history.checkpoints = [c for c in self.history.checkpoints if c[1] != str(path)] + [(step, str(path))]
         self.write_files()
 

@@ -132,6 +132,8 @@ def save_checkpoint(run: Run, stem: str, state: bool) -> None:
         path = cfg.save.output_dir / f"{stem}.safetensors"
         run.module.save_lora(path, run.network, lora_metadata(run), format=cfg.save.format)
         run.last_checkpoint = path
+        if run.monitor is not None:
+            run.monitor.on_save(run.progress.step, path)  # recorded in the history (saved in the state); loss.png
         if state:
             info = {"seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": path.name}
             writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, info)
@@ -139,8 +141,6 @@ def save_checkpoint(run: Run, stem: str, state: bool) -> None:
                 writers.update(run.monitor.state_files())
             run.last_checkpoint = write_state_dir(cfg.save.output_dir / f"{stem}-state", writers)
         log.info("saved %s%s", path, " (+ state)" if state else "")
-        if run.monitor is not None:
-            run.monitor.on_save(run.progress.step, path)  # loss.png and history.json
     run.ctx.barrier()
 
 
