@@ -41,7 +41,7 @@ from kandinsky5.train.distributed import (
     check_ranks_agree,
     init_distributed,
 )
-from kandinsky5.train.monitor import Monitor, RunInfo
+from kandinsky5.train.monitor import monitor_for
 from kandinsky5.train.objective import batch_to_device, flow_matching_loss
 from kandinsky5.train.run import Run, resume_run, save_and_rotate, save_checkpoint
 from kandinsky5.train.sampler import TrainingSampler, sample_requests
@@ -311,25 +311,6 @@ def _build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
     return network, module
 
 
-def _validator(cfg: TrainConfig, items: list, dataset, collate) -> validation.Validator | None:
-    """The validation loss over the held-out items (None without any); validation flags need such items."""
-    v = cfg.validation
-    if not items:
-        if v.every_n_steps or v.every_n_epochs:
-            raise UserError("--validate_every_n_steps/epochs need validation items: give --validation_split F or "
-                            "mark a dataset with is_validation = true in the dataset TOML")  # fmt: skip
-        return None
-    keys = [f"{it.item_key}|{it.latent_path.name}" for it in items]
-    log.info(
-        "validation: %d held-out item(s) (%d media item(s)); loss at t = %s with fixed noise (seed %d)",
-        len(items),
-        len({it.item_key for it in items}),
-        ", ".join(f"{t:g}" for t in v.timesteps),
-        v.seed,
-    )
-    return validation.Validator(keys, lambda i: collate([dataset[i]]), v)
-
-
 def _log_setup(cfg: TrainConfig, ctx, items: list, total: int, per_epoch: int) -> None:
     log.info(
         "task %s | attention %s%s | DiT weights %s, autocast %s, LoRA fp32 | %s | %d process(es) on %s",
@@ -362,7 +343,7 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     dataset_cfg = load_dataset_config(cfg.dataset_config)
     held = {d.index for d in dataset_cfg.datasets if d.is_validation}
     items, val_items = split_validation(discover_items(dataset_cfg, cfg.task), held, cfg.validation.split)
-    validator = _validator(cfg, val_items, LatentDataset(val_items, with_image=cfg.task.is_i2v), collate)
+    validator = validation.build_validator(cfg, val_items, LatentDataset(val_items, cfg.task.is_i2v), collate)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)
     per_epoch = math.ceil(sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
     total = cfg.total_steps(per_epoch)
@@ -412,17 +393,10 @@ def sample(run: Run) -> None:
     run.ctx.barrier()
 
 
-def validate(run: Run) -> None:
-    """The validation loss at this step (every rank takes part); at most once per step."""
-    done = run.monitor.history.validation
-    if run.validator is not None and not (done and done[-1].step == run.progress.step):
-        run.monitor.on_validation(run.validator(run, run.progress.step))
-
-
 def after_step(run: Run) -> None:
     save, smp, val, step = run.cfg.save, run.cfg.sample, run.cfg.validation, run.progress.step
     if val.every_n_steps and step % val.every_n_steps == 0:
-        validate(run)
+        validation.validate(run)
     if save.every_n_steps and step % save.every_n_steps == 0 and step < run.total_steps:
         save_and_rotate(run, "step", step)
     if smp.every_n_steps and step % smp.every_n_steps == 0:
@@ -433,7 +407,7 @@ def after_epoch(run: Run, epoch: int) -> None:
     """``epoch`` counts finished epochs (1-based); the last one is covered by the final save."""
     save, smp, val = run.cfg.save, run.cfg.sample, run.cfg.validation
     if val.every_n_epochs and epoch % val.every_n_epochs == 0:
-        validate(run)
+        validation.validate(run)
     run.monitor.on_epoch(epoch, run.progress.step)
     if save.every_n_epochs and epoch % save.every_n_epochs == 0 and run.progress.step < run.total_steps:
         save_and_rotate(run, "epoch", epoch)
@@ -490,26 +464,19 @@ def train_epoch(run: Run, loader, batches_per_epoch: int) -> bool:
     return False
 
 
-def _monitor(run: Run, steps_per_epoch: int, epochs: int) -> Monitor:
-    cfg = run.cfg
-    info = RunInfo(cfg.save.output_dir, cfg.save.output_name, run.total_steps, steps_per_epoch, epochs,
-                   cfg.save.save_state, cfg.save.output_dir / "sample" if cfg.sample.enabled else None)  # fmt: skip
-    return Monitor(info, cfg.tracking, run.ctx.is_main, cfg.tracking.run_config)
-
-
 def train(cfg: TrainConfig, ctx: DistContext) -> Path | None:
     """The whole run; returns the final LoRA (or state) path written by rank 0."""
     run, loader, sampler = setup(cfg, ctx)
     per_epoch = sampler.batches_per_epoch
     epochs = math.ceil(run.total_steps / math.ceil(per_epoch / cfg.gradient_accumulation_steps))
-    run.monitor = _monitor(run, math.ceil(per_epoch / cfg.gradient_accumulation_steps), epochs)
+    run.monitor = monitor_for(run, math.ceil(per_epoch / cfg.gradient_accumulation_steps), epochs)
     try:
         if cfg.resume is not None:
             resume_run(run, cfg.resume)
         p = run.progress
         run.monitor.open(p.step if cfg.resume is not None else None)
         if p.step == 0 or not run.monitor.history.validation:
-            validate(run)
+            validation.validate(run)
         if cfg.sample.at_first:
             sample(run)
         run.monitor.start_loop(p.step)
@@ -521,7 +488,7 @@ def train(cfg: TrainConfig, ctx: DistContext) -> Path | None:
                 p.epoch, p.batches_in_epoch = p.epoch + 1, 0
                 after_epoch(run, p.epoch)
         check_ranks_agree(ctx, run.params)
-        validate(run)
+        validation.validate(run)
         save_checkpoint(run, cfg.save.output_name, cfg.save.save_state)
         run.monitor.finish(run.last_checkpoint)
     finally:

@@ -252,6 +252,14 @@ class Monitor:
             self.tracker.scalars(values, step)
 
 
+def monitor_for(run, steps_per_epoch: int, epochs: int) -> Monitor:
+    """The monitor of a ``kandinsky5.train.run.Run``."""
+    cfg = run.cfg
+    info = RunInfo(cfg.save.output_dir, cfg.save.output_name, run.total_steps, steps_per_epoch, epochs,
+                   cfg.save.save_state, cfg.save.output_dir / "sample" if cfg.sample.enabled else None)  # fmt: skip
+    return Monitor(info, cfg.tracking, run.ctx.is_main, cfg.tracking.run_config)
+
+
 def best_checkpoint(history: History) -> tuple[Path, ValidationResult] | None:
     """The existing checkpoint with the lowest validation loss at its step, if any was saved at a validation."""
     found = []

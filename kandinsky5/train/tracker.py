@@ -83,7 +83,9 @@ def add_tracker_args(parser: argparse.ArgumentParser) -> None:
         default="tensorboard",
         help="tracker: tensorboard (default), wandb (pip install wandb), all (both) or none",
     )
-    g.add_argument("--log_prefix", default=None, help="run folder <prefix><time> instead of <output_name>_<time>")
+    g.add_argument(
+        "--log_prefix", default=None, help="run folder <prefix><time> instead of <output_name>_<time> (default: none)"
+    )
     g.add_argument(
         "--log_tracker_name",
         default=None,
@@ -92,12 +94,12 @@ def add_tracker_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--log_tracker_config",
         default=None,
-        help="TOML with [wandb] (wandb.init arguments) and/or [tensorboard] (SummaryWriter arguments)",
+        help="TOML with [wandb] (wandb.init arguments) and/or [tensorboard] (SummaryWriter arguments); default none",
     )
     g.add_argument(
         "--log_config",
         action="store_true",
-        help="send the run's flags to the trackers (paths and the API key left out)",
+        help="send the run's flags to the trackers (paths and the API key left out; default off)",
     )
     g.add_argument("--wandb_run_name", default=None, help="name of the wandb run (default: wandb's)")
     g.add_argument("--wandb_api_key", default=None, help="log in to wandb with this key first (default: wandb's login)")

@@ -167,3 +167,27 @@ class Validator:
                 loss = flow_matching_loss(run.dit, batch, t_batch, noise, cfg.task.rope_scale, cfg.i2v_mode)
             losses.append(loss.double())
         return torch.stack(losses)
+
+
+def build_validator(cfg, items: Sequence, dataset, collate: Callable) -> Validator | None:
+    """The validator over the held-out ``items`` (``dataset.latent_dataset.CachedItem``; ``dataset[i]`` reads item
+    i, ``collate`` batches it), or None without items, where a ``--validate_every_n_*`` flag is an error."""
+    v = cfg.validation
+    if not items:
+        if v.every_n_steps or v.every_n_epochs:
+            raise UserError("--validate_every_n_steps/epochs need validation items: give --validation_split F or "
+                            "mark a dataset with is_validation = true in the dataset TOML")  # fmt: skip
+        return None
+    keys = [f"{it.item_key}|{it.latent_path.name}" for it in items]
+    times = ", ".join(f"{t:g}" for t in v.timesteps)
+    log.info("validation: %d held-out item(s) (%d media item(s)); loss at t = %s with fixed noise (seed %d)",
+             len(items), len({it.item_key for it in items}), times, v.seed)  # fmt: skip
+    return Validator(keys, lambda i: collate([dataset[i]]), v)
+
+
+def validate(run) -> None:
+    """The validation loss at the run's current step, reported to ``run.monitor`` (every rank calls this at the same
+    step: it is a collective); at most once per step, nothing without a validator."""
+    done = run.monitor.history.validation
+    if run.validator is not None and not (done and done[-1].step == run.progress.step):
+        run.monitor.on_validation(run.validator(run, run.progress.step))
