@@ -84,7 +84,7 @@ def test_i2v_validation_is_the_training_loss_at_fixed_t_and_noise():
 def _with_validation_block(root: Path) -> tuple[Path, Path]:
     """(TOML with a training dataset + an is_validation dataset, TOML with the training dataset only)."""
     train_toml = write_toy_cache(root / "train", n_items=4, batch_size=1)
-    val_toml = write_toy_cache(root / "val", n_items=2, seed=9)
+    val_toml = write_toy_cache(root / "val", n_items=1, seed=9)
     block = val_toml.read_text().split("[[datasets]]")[1]
     both = root / "both.toml"
     both.write_text(train_toml.read_text() + "\n[[datasets]]" + block + "is_validation = true\n")
@@ -116,7 +116,7 @@ def test_validation_is_deterministic_resumable_and_leaves_training_unchanged(tin
     assert train(base_args(tiny_bundle, train_only, b, steps=4) + extra) == 0
     assert _equal_loras(a / "lora.safetensors", b / "lora.safetensors")  # validation changed nothing
     history = _history(a)["validation"]
-    assert [v["step"] for v in history] == [0, 2, 4] and history[0]["items"] == 2
+    assert [v["step"] for v in history] == [0, 2, 4] and history[0]["items"] == 1
     assert [t for t, _ in history[0]["per_t"]] == [0.2, 0.8]
     assert history[0]["mean"] != history[-1]["mean"]  # the LoRA did change the number
     assert train(base_args(tiny_bundle, both, c, steps=2) + extra + val) == 0  # a fresh run, computed anew
@@ -137,7 +137,7 @@ def test_validation_needs_items_and_counts_only_training_items(tiny_bundle, tmp_
     out = tmp_path / "out"
     assert train(base_args(tiny_bundle, toml, out, steps=1) + ["--validate_every_n_epochs", "1"]) == 1
     assert "need validation items" in capsys.readouterr().err and not out.exists()
-    args = ["--validation_split", "0.5", "--log_with", "none"]
+    args = ["--validation_split", "0.5", "--validation_timesteps", "0.5", "--log_with", "none"]
     assert train(base_args(tiny_bundle, toml, out, steps=1, task="k5-tiny-i2v") + args) == 0
     held = _history(out)["validation"][0]["items"]
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
