@@ -349,7 +349,7 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     total = cfg.total_steps(per_epoch)
     _log_setup(cfg, ctx, items, total, per_epoch)
     if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
-        for _, h, w in sorted({i.shape for i in items}):
+        for _, h, w in sorted({i.shape for i in items + val_items}):
             check_geometry(h // 2, w // 2)
     training_sampler = None
     if requests and ctx.is_main:  # only rank 0 samples; prompts are encoded now, before the DiT exists (memory)
