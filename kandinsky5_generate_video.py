@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kandinsky5.cli import (
+    HelpFormatter,
     add_attention_args,
     add_config_file_arg,
     add_memory_args,
@@ -36,6 +37,7 @@ from kandinsky5.cli import (
 )
 from kandinsky5.common import UserError, atomic_path, get_logger, parse_dtype, resolve_device
 from kandinsky5.configs import TaskConfig
+from kandinsky5.musubi_compat import add_musubi_args
 from kandinsky5.sampling.pipeline import GenerationRequest, GenerationResult, Kandinsky5Pipeline, request_from_line
 from kandinsky5.sampling.prompts import PromptLine, read_prompt_file
 from kandinsky5.sampling.video_io import check_writable, to_uint8_frames, write_image, write_video
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Generate a video (or an image) with a Kandinsky 5 model.  Defaults come from --task.",
         allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     add_model_args(parser)
     add_attention_args(parser)
@@ -64,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conditioning_args(parser)
     _add_output_args(parser)
     _add_runtime_args(parser)
+    add_musubi_args(parser, "generate")
     return parser
 
 

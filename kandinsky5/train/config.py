@@ -45,9 +45,12 @@ class SaveConfig:
     every_n_epochs: int | None = None
     every_n_steps: int | None = None
     last_n_epochs: int | None = None  # keep only the newest N epoch checkpoints (and their states)
-    last_n_steps: int | None = None  # keep only the newest N step checkpoints (and their states)
+    last_n_steps: int | None = None  # keep the step checkpoints of the last N steps (and their states), as musubi
     save_state: bool = False  # write a resumable state directory with every checkpoint and at the end
     format: str = "diffusers"
+    last_n_epochs_state: int | None = None  # states rotate apart from the LoRA files (default: as last_n_epochs)
+    last_n_steps_state: int | None = None  # (default: as last_n_steps)
+    state_on_train_end: bool = False  # a state directory at the end even without save_state
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class SampleConfig:
     text_encoder_qwen: str | None = None
     text_encoder_clip: str | None = None
     vae: str | None = None
+    vae_dtype: torch.dtype | None = None  # --vae_dtype (default: the DiT weight dtype)
 
     @property
     def enabled(self) -> bool:
@@ -91,6 +95,9 @@ class TrainConfig:
     persistent_workers: bool = False
     resume: Path | None = None
     logging_dir: Path | None = None
+    cuda_allow_tf32: bool = False  # --cuda_allow_tf32: TF32 matmuls and convolutions
+    cudnn_benchmark: bool = False  # --cuda_cudnn_benchmark
+    scale_weight_norms: float | None = None  # --scale_weight_norms: max-norm of each LoRA delta (train/regularize)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -101,8 +108,8 @@ class TrainConfig:
         return self.mixed_precision in ("bf16", "fp16")
 
     def total_steps(self, steps_per_epoch: int) -> int:
-        """Optimizer steps of the run: epochs x steps/epoch, --max_train_steps, the smaller if both; default 1600."""
-        limits = [n for n in (self.max_train_steps,) if n]
+        """Optimizer steps of the run: --max_train_epochs x steps/epoch when given (it wins over --max_train_steps,
+        as in musubi), else --max_train_steps, else 1600."""
         if self.max_train_epochs:
-            limits.append(self.max_train_epochs * steps_per_epoch)
-        return min(limits) if limits else 1600
+            return self.max_train_epochs * steps_per_epoch
+        return self.max_train_steps or 1600

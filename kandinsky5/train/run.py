@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kandinsky5.common import UserError, get_logger
-from kandinsky5.train.config import TrainConfig
+from kandinsky5.train.config import SaveConfig, TrainConfig
 from kandinsky5.train.distributed import DistContext, gather_rng
 from kandinsky5.train.optim import optimizer_name
 from kandinsky5.train.sampler import TrainingSampler
@@ -137,11 +137,21 @@ def save_checkpoint(run: Run, stem: str, state: bool) -> None:
 
 
 def save_and_rotate(run: Run, kind: str, number: int) -> None:
-    """A step or epoch checkpoint, then deletion of the older ones beyond --save_last_n_steps/epochs."""
+    """A step or epoch checkpoint, then deletion of the older LoRA files and state dirs (:func:`rotation_keep`)."""
     s = run.cfg.save
-    stem, keep = (f"-step{number:08d}", s.last_n_steps) if kind == "step" else (f"-{number:06d}", s.last_n_epochs)
+    stem = f"-step{number:08d}" if kind == "step" else f"-{number:06d}"
     save_checkpoint(run, s.output_name + stem, s.save_state)
-    if keep and run.ctx.is_main:
-        numbered = r"-step(\d+)" if kind == "step" else r"-(\d{6})"
-        pattern = f"{re.escape(s.output_name)}{numbered}(?:\\.safetensors|-state)"
-        rotate(s.output_dir, pattern, keep, number)
+    numbered = r"-step(\d+)" if kind == "step" else r"-(\d{6})"
+    for suffix, keep in ((r"\.safetensors", rotation_keep(s, kind, False)), ("-state", rotation_keep(s, kind, True))):
+        if keep and run.ctx.is_main:
+            rotate(s.output_dir, f"{re.escape(s.output_name)}{numbered}{suffix}", keep, number)
+
+
+def rotation_keep(save: SaveConfig, kind: str, state: bool) -> int | None:
+    """How many of the newest ``kind`` saves to keep (None: all), as musubi: ``--save_last_n_epochs`` counts epoch
+    saves; ``--save_last_n_steps`` N is a window of steps, the saves at most N steps older than the newest, i.e.
+    N // save_every_n_steps + 1 of them.  State dirs follow ``--save_last_n_*_state`` when given."""
+    if kind == "epoch":
+        return (save.last_n_epochs_state if state else None) or save.last_n_epochs
+    n = (save.last_n_steps_state if state else None) or save.last_n_steps
+    return None if n is None or not save.every_n_steps else n // save.every_n_steps + 1
