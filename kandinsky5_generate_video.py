@@ -78,7 +78,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
         "--prompt_file",
         default=None,
         help="text file, one generation per line with optional overrides --w --h --f --d --s --g --n --i --l "
-        "(see docs/inference.md); lines starting with # are skipped",
+        "(see docs/inference.md; lines starting with # are skipped), or musubi's .toml / .json prompt file",
     )
     g.add_argument(
         "--negative_prompt",
@@ -91,7 +91,8 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
         "--frames",
         type=int,
         default=None,
-        help="number of VIDEO frames, 4k+1 (1, 5, ..., 121 = 5 s at 24 fps); 1 writes an image (task default)",
+        help="number of VIDEO frames, 4k+1 (1, 5, ..., 121 = 5 s at 24 fps); 1 writes an image (task default). "
+        "musubi's --frames counts latent frames: its --frames 17 is --frames 65 here",
     )
     g.add_argument("--steps", type=int, default=None, help="denoising steps (task default, 50 for most)")
     g.add_argument("--guidance", type=float, default=None, help="CFG weight; 1 disables the negative pass (task)")

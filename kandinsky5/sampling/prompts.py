@@ -201,12 +201,18 @@ def _typed(field: str, value: object, key: str, where: str) -> object:
     return kind(value)
 
 
-def prompt_from_dict(entry: dict, where: str, key_line=None) -> PromptLine:
-    """A musubi prompt object (``.toml`` subset merged over ``[prompt]``, or a ``.json`` list item) -> PromptLine.
-
-    ``key_line(key)`` gives the ``file:line`` of a key for messages (default: ``where``).
-    """
+def prompt_from_dict(entry: dict, where: str, key_line=None, defaults: dict | None = None) -> PromptLine:
+    """A musubi prompt object (a ``.json`` list item, or a ``.toml`` subset over the ``[prompt]`` ``defaults``)
+    -> PromptLine.  ``key_line(key)`` gives the ``file:line`` of a key for messages (default: ``where``)."""
     at = key_line or (lambda key: where)
+    values = {**_fields(defaults or {}, at), **_fields(entry, at)}
+    if not str(values.get("prompt", "")).strip():
+        raise UserError(f'{where}: the entry has no prompt (add prompt = "...")')
+    return PromptLine(**{**values, "prompt": values["prompt"].strip()}, source=where)
+
+
+def _fields(entry: dict, at) -> dict[str, object]:
+    """musubi keys -> our field names with checked types (ignored keys dropped with a warning)."""
     values: dict[str, object] = {}
     for key, value in entry.items():
         if key in _IGNORED_DICT_KEYS:
@@ -218,9 +224,7 @@ def prompt_from_dict(entry: dict, where: str, key_line=None) -> PromptLine:
         if field in values:
             raise UserError(f"{at(key)}: {key!r} sets {field} a second time (another spelling of it is given)")
         values[field] = _typed(field, value, key, at(key))
-    if not str(values.get("prompt", "")).strip():
-        raise UserError(f'{where}: the entry has no prompt (add prompt = "...")')
-    return PromptLine(**{**values, "prompt": values["prompt"].strip()}, source=where)
+    return values
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,7 +288,7 @@ def _toml_prompts(path: Path, text: str) -> list[PromptLine]:
     for i, subset in enumerate(subsets):
         start = subset_lines[i] if i < len(subset_lines) else prompt_line
         at = functools.partial(_toml_at, path, text, start, prompt_line, frozenset(subset))
-        out.append(prompt_from_dict({**defaults, **subset}, f"{path}:{start or 1}", at))
+        out.append(prompt_from_dict(subset, f"{path}:{start or 1}", at, defaults))
     return out
 
 

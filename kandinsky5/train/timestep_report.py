@@ -50,7 +50,7 @@ def console_lines(counts: torch.Tensor, weights: torch.Tensor) -> list[str]:
 
 
 def write_png(path: Path, counts: torch.Tensor, weights: torch.Tensor, title: str) -> Path:
-    """Two bar charts (draws per timestep, loss weight per timestep) written to ``path`` (temp name, renamed)."""
+    """Two histograms (draws per timestep, loss weight per timestep) written to ``path`` (temp name, renamed)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -58,10 +58,10 @@ def write_png(path: Path, counts: torch.Tensor, weights: torch.Tensor, title: st
 
     fig = Figure(figsize=(10, 4), layout="tight")
     left, right = fig.subplots(1, 2)
-    x = list(range(BINS))
-    left.bar(x, counts.tolist(), width=1.0)
+    edges = list(range(BINS + 1))
+    left.stairs(counts.tolist(), edges, fill=True)
     left.set(title="sampled timesteps", xlabel="1000 t", ylabel="count")
-    right.bar(x, weights.tolist(), width=1.0)
+    right.stairs(weights.tolist(), edges, fill=True)
     right.set(title="loss weighting", xlabel="1000 t", ylabel="weight")
     fig.suptitle(title)
     with atomic_path(path) as tmp:
