@@ -228,7 +228,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.sample_prompts and not (args.text_encoder_qwen and args.text_encoder_clip and args.vae):
         raise UserError("--sample_prompts needs --text_encoder_qwen, --text_encoder_clip and --vae")
     timesteps = train_args.timestep_config(args)
-    train_args.check_positive(args)
+    train_args.check_args(args)
     positive = ("gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "network_dim",
                 "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
                 "sample_every_n_steps", "sample_every_n_epochs")  # fmt: skip

@@ -60,6 +60,13 @@ def test_rex_inverse_sqrt_custom_class_and_bad_args():
         optim.check_configs(optim.OptimizerConfig(), optim.SchedulerConfig(type="NoSuchLR"))
 
 
+def test_adafactor_schedule_with_musubi_initial_lr():
+    config = optim.OptimizerConfig("Adafactor", 1e-4, {"relative_step": True})
+    opt = optim.build_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], config)
+    optim.check_configs(config, optim.SchedulerConfig("adafactor:1e-3"))
+    assert optim.build_scheduler(opt, optim.SchedulerConfig("adafactor:1e-3"), 10).get_last_lr() == [1e-3]
+
+
 def test_steps_or_fraction_accepts_musubi_percentages():
     assert [optim.steps_or_fraction(v) for v in ("100", "0.05", "5%")] == [100.0, 0.05, 0.05]
     assert optim.warmup_steps(optim.SchedulerConfig(warmup=0.05), 200) == 10

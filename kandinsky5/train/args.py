@@ -87,7 +87,11 @@ def add_timestep_args(g: argparse._ArgumentGroup) -> None:
     )
 
 
-def check_positive(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
+    """Value checks of the flags above; notes that --max_train_epochs wins over --max_train_steps (as musubi)."""
+    if args.max_train_epochs and args.max_train_steps:
+        log.info("--max_train_epochs %d and --max_train_steps %d: the epochs decide (as musubi)",
+                 args.max_train_epochs, args.max_train_steps)  # fmt: skip
     for name in POSITIVE:
         value = getattr(args, name)
         if value is not None and value < 1:

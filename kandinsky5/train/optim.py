@@ -19,7 +19,8 @@ a plain string: ``"betas=(0.9,0.95)" "weight_decay=0.001" "decouple=True"``.
 
 ``--lr_scheduler``: every ``transformers.get_scheduler`` name (``constant``, ``constant_with_warmup``, ``linear``,
 ``cosine``, ``cosine_with_restarts``, ``polynomial``, ``inverse_sqrt``, ``cosine_with_min_lr``,
-``warmup_stable_decay``, ...) plus ``adafactor``, ``rex`` and diffusers' ``piecewise_constant`` (as musubi).
+``warmup_stable_decay``, ...) plus ``adafactor`` (or musubi's ``adafactor:<initial lr>``), ``rex`` and diffusers'
+``piecewise_constant`` (as musubi).
 ``--lr_warmup_steps`` / ``--lr_decay_steps`` are step counts, or a fraction of the total optimizer steps when below
 1 (``0.05`` or ``5%`` = 5 %).  Each schedule gets musubi's arguments: ``num_cycles`` (``cosine_with_restarts``;
 half of it for ``cosine_with_min_lr`` and ``warmup_stable_decay``), ``power`` (``polynomial``), ``timescale``
@@ -160,7 +161,7 @@ def check_configs(opt: OptimizerConfig, sched: SchedulerConfig) -> None:
         _scheduler_class(sched.type)
         return
     names = _scheduler_names() + _EXTRA_SCHEDULERS
-    if sched.name not in names:
+    if sched.name.partition(":")[0] != "adafactor" and sched.name not in names:
         raise UserError(f"unknown --lr_scheduler {sched.name!r}; valid: {', '.join(names)}")
 
 
@@ -211,12 +212,13 @@ def _build_scheduler(optimizer, cfg: SchedulerConfig, total_steps: int):
     if cfg.type:
         return _scheduler_class(cfg.type)(optimizer, **cfg.args)
     uses_relative_step = bool(optimizer.defaults.get("relative_step", False))
-    if cfg.name == "adafactor" or uses_relative_step:
-        if not (cfg.name == "adafactor" and uses_relative_step):
+    adafactor, _, initial_lr = cfg.name.partition(":")  # musubi's "adafactor:<initial lr>" spelling
+    if adafactor == "adafactor" or uses_relative_step:
+        if not (adafactor == "adafactor" and uses_relative_step):
             raise UserError("--lr_scheduler adafactor goes with --optimizer_type Adafactor and 'relative_step=True'")
         from transformers.optimization import AdafactorSchedule
 
-        return AdafactorSchedule(optimizer, **cfg.args)
+        return AdafactorSchedule(optimizer, float(initial_lr or 0.0), **cfg.args)
     warmup = warmup_steps(cfg, total_steps)
     if cfg.name == "rex":
         return rex_schedule(optimizer, total_steps, warmup, cfg.min_lr_ratio, **cfg.args)
