@@ -157,10 +157,10 @@ def test_max_norm_regularisation():
     lora = LoRAModule("x", 8, 6, rank=2, alpha=1.0)
     with torch.no_grad():
         lora.lora_up.weight.normal_()
-    norm = float((lora.lora_up.weight @ lora.lora_down.weight).norm()) * lora.scale
+    norm = float((lora.lora_up.weight @ lora.lora_down.weight).detach().norm()) * lora.scale
     stats = max_norm_(torch.nn.ModuleList([lora]), norm / 2)
     assert stats.keys_scaled == 1 and stats.max_norm == pytest.approx(norm / 2)
-    after = float((lora.lora_up.weight @ lora.lora_down.weight).norm()) * lora.scale
+    after = float((lora.lora_up.weight @ lora.lora_down.weight).detach().norm()) * lora.scale
     assert after == pytest.approx(norm / 2, rel=1e-5)
     assert max_norm_(torch.nn.ModuleList([lora]), norm).keys_scaled == 0
 
@@ -270,3 +270,15 @@ def test_cuda_switches_are_applied():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before
+
+
+def test_bad_musubi_toml_sample_prompts_fail_before_training(tiny_bundle, toy, tmp_path, capsys):  # noqa: F811
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text('[prompt]\nsample_steps = 2\n\n[[prompt.subset]]\nprompt = "a cat"\nsample_stepz = 3\n')
+    encoders = ["--text_encoder_qwen", str(tiny_bundle / "text_encoder"), "--text_encoder_clip",
+                str(tiny_bundle / "text_encoder2"), "--vae", str(tiny_bundle / "vae")]  # fmt: skip
+    extra = ["--sample_prompts", str(prompts), "--sample_every_n_steps", "1"]
+    assert train(base_args(tiny_bundle, toy, tmp_path / "out") + encoders + extra) == 1
+    err = capsys.readouterr().err
+    assert f"error: --sample_prompts {prompts}:6: unknown key 'sample_stepz'" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
