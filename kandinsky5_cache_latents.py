@@ -189,7 +189,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.skip_existing and args.overwrite:
         log.info("--overwrite given: ignoring skip_existing from --config_file")
     device = resolve_device(args.device)
-    dtype = parse_dtype(args.vae_dtype or ("float16" if device.type == "cuda" else "float32"))
+    try:
+        dtype = parse_dtype(args.vae_dtype or ("float16" if device.type == "cuda" else "float32"))
+    except UserError as exc:
+        raise UserError(f"--vae_dtype: {exc}") from None
     workers = args.num_workers if args.num_workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
     return Settings(
         dataset_config=Path(args.dataset_config),

@@ -95,7 +95,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
         "musubi's --frames counts latent frames: its --frames 17 is --frames 65 here",
     )
     g.add_argument("--steps", type=int, default=None, help="denoising steps (task default, 50 for most)")
-    g.add_argument("--guidance", type=float, default=None, help="CFG weight; 1 disables the negative pass (task)")
+    g.add_argument("--guidance", type=float, default=None, help="CFG weight, 1 = no negative pass (task default)")
     g.add_argument(
         "--scheduler_scale", type=float, default=None, help="time-grid shift s in t = s*u/(1+(s-1)*u) (task default)"
     )

@@ -87,7 +87,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="bf16: DiT weights bf16 + autocast (default, or accelerate's setting); no: everything fp32; fp16 is "
         "refused (a bf16 model)",
     )
-    g.add_argument("--seed", type=int, default=None, help="seed of LoRA init, noise, timesteps, data order (random)")
+    g.add_argument("--seed", type=int, default=None, help="seed of LoRA init, noise, timesteps, data (default: random)")
     g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default 1600 without epochs)")
     g.add_argument("--max_train_epochs", type=int, default=None, help="epochs; wins over --max_train_steps (musubi)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")

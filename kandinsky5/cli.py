@@ -83,11 +83,12 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     n.add_argument(
         "--force_nabla_attention", action="store_true", help="use NABLA even if the task defaults to dense attention"
     )
-    n.add_argument("--nabla_method", choices=("topcdf", "topk"), default=None, help="block selection (topcdf)")
-    n.add_argument("--nabla_P", type=float, default=None, help="CDF threshold / kept fraction (task value or 0.9)")
-    n.add_argument("--nabla_wT", type=int, default=None, help="STA window in latent frames (11)")
-    n.add_argument("--nabla_wH", type=int, default=None, help="STA window in 8x8-token tiles, height (3)")
-    n.add_argument("--nabla_wW", type=int, default=None, help="STA window in 8x8-token tiles, width (3)")
+    n.add_argument("--nabla_method", choices=("topcdf", "topk"), default=None,
+                   help="block selection (default: task's or topcdf)")  # fmt: skip
+    n.add_argument("--nabla_P", type=float, default=None, help="CDF threshold / kept fraction (default: task's or 0.9)")
+    n.add_argument("--nabla_wT", type=int, default=None, help="STA window, latent frames (default: task's or 11)")
+    n.add_argument("--nabla_wH", type=int, default=None, help="STA window, 8x8-token tiles, height (default 3)")
+    n.add_argument("--nabla_wW", type=int, default=None, help="STA window, 8x8-token tiles, width (default 3)")
     sta = n.add_mutually_exclusive_group()
     sta.add_argument(
         "--nabla_add_sta",

@@ -121,3 +121,26 @@ def test_help_shows_every_default(script):
     ]
     assert not silent, f"{script}: --help does not show the default of {silent}"
     assert parser.formatter_class is HelpFormatter
+
+
+def test_cache_latents_disable_cudnn_backend(tiny_bundle, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from kandinsky5.cli import run_main
+
+    media = tmp_path / "media"
+    media.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(media / "a.png")
+    (media / "a.txt").write_text("a black square")
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'[general]\nresolution = 32\ncaption_extension = ".txt"\n[[datasets]]\n'
+                    f'image_directory = "{media.as_posix()}"\n')  # fmt: skip
+    script = load_module(ROOT / "kandinsky5_cache_latents.py", "_musubi_cache_latents_run")
+    argv = ["--dataset_config", str(toml), "--vae", str(tiny_bundle / "vae"), "--device", "cpu", "--vae_dtype", "fp32"]
+    try:
+        assert run_main(script.main, [*argv, "--disable_cudnn_backend"]) == 0
+        assert torch.backends.cudnn.enabled is False and list(media.glob("*.safetensors"))
+    finally:
+        torch.backends.cudnn.enabled = True

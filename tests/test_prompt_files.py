@@ -124,3 +124,16 @@ def test_ignored_musubi_keys_warn_and_keys_are_case_insensitive(caplog):
     assert line.overrides() == dict(width=64, steps=4)
     assert "p.txt:4: option --fs is ignored" in caplog.text and "--scheduler_scale" in caplog.text
     assert "p.txt:4: option --cn is ignored" in caplog.text
+
+
+def test_generator_reads_a_musubi_json_prompt_file(tiny_bundle, tmp_path, caplog):
+    from kandinsky5.sampling.video_io import read_image
+    from tests.test_generate_cli import _run
+
+    prompts = _write(tmp_path, "p.json", '[{"prompt": "a blue cube", "frame_count": 1, "sample_steps": 1, '
+                                         '"guidance_scale": 1.0, "seed": 5, "width": 64, "height": 64}]')  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        assert _run(tiny_bundle, "--prompt_file", prompts, "--output", tmp_path / "s.png") == 0
+    image, meta = read_image(tmp_path / "s.png")
+    assert image.shape == (64, 64, 3) and (meta["prompt"], meta["seed"], meta["steps"]) == ("a blue cube", "5", "1")
+    assert f"{prompts}:1: 1 video frame (1 latent), 64x64, 1 steps" in caplog.text

@@ -115,7 +115,10 @@ def scheduler_config(args: argparse.Namespace) -> optim.SchedulerConfig:
 
 
 def vae_dtype(args: argparse.Namespace) -> torch.dtype | None:
-    return parse_dtype(args.vae_dtype) if args.vae_dtype else None
+    try:
+        return parse_dtype(args.vae_dtype) if args.vae_dtype else None
+    except UserError as exc:
+        raise UserError(f"--vae_dtype: {exc}") from None
 
 
 def apply_cuda_switches(allow_tf32: bool, cudnn_benchmark: bool) -> None:
