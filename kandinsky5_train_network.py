@@ -33,7 +33,7 @@ from kandinsky5 import cli, musubi_compat
 from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.model import flow
 from kandinsky5.train import args as train_args
-from kandinsky5.train import optim, prechecks
+from kandinsky5.train import optim, prechecks, startup
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
 from kandinsky5.train.distributed import (
     DistContext,
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network_args(p)
     _add_timestep_args(p)
     _add_save_args(p)
+    startup.add_safety_args(p)
+    cli.add_debug_arg(p)
     musubi_compat.add_musubi_args(p, "train")
     return p
 
@@ -291,6 +293,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         persistent_workers=args.persistent_data_loader_workers,
         resume=Path(args.resume) if args.resume else None,
         logging_dir=Path(args.logging_dir) if args.logging_dir else None,
+        overwrite=args.overwrite,
+        allow_stale_cache=args.allow_stale_cache,
         cuda_allow_tf32=args.cuda_allow_tf32,
         cudnn_benchmark=args.cuda_cudnn_benchmark,
         scale_weight_norms=args.scale_weight_norms,
@@ -339,22 +343,27 @@ def setup(cfg: TrainConfig, ctx: DistContext):
 
     from dataset.config import load_dataset_config
     from dataset.latent_dataset import BucketBatchSampler, LatentDataset, collate, discover_items
+    from dataset.staleness import check_stale
     from kandinsky5.memory.build import build_dit
     from kandinsky5.model.loading import file_fingerprint
     from kandinsky5.model.nabla import check_geometry
+    from kandinsky5.model.vae import vae_file_identity
 
     # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
     requests = sample_requests(cfg.task, cfg.sample.prompts) if cfg.sample.enabled else []
     seed = broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
-    items = discover_items(load_dataset_config(cfg.dataset_config), cfg.task)
+    dataset_cfg = load_dataset_config(cfg.dataset_config)
+    items = discover_items(dataset_cfg, cfg.task)
+    check_stale(dataset_cfg, items, cfg.sample.vae and vae_file_identity(cfg.sample.vae), cfg.allow_stale_cache)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)
     per_epoch = math.ceil(sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
     total = cfg.total_steps(per_epoch)
+    prechecks.check_before_load(cfg, total)  # optimizer and schedule (LoRA+ too) on stand-ins: bad arguments fail now
+    startup.check_run(cfg, ctx, total, per_epoch)  # earlier run, --resume, checkpoints, disk space: before loading
     _log_setup(cfg, ctx, items, total, per_epoch)
     if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
         for _, h, w in sorted({i.shape for i in items}):
             check_geometry(h // 2, w // 2)
-    prechecks.check_before_load(cfg, total)  # LoRA patterns, optimizer and schedule, before the DiT loads
     train_args.apply_cuda_switches(cfg.cuda_allow_tf32, cfg.cudnn_benchmark)
     dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True)
     dit.requires_grad_(False)

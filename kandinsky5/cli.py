@@ -10,7 +10,8 @@ The four scripts build their parsers from these groups so that a flag means the 
 error listing the close matches); the command line wins over the file; ``--config_file run`` also finds
 ``run.toml`` (as musubi).  It then refuses musubi flags that are not offered (:mod:`kandinsky5.musubi_compat`).
 :class:`HelpFormatter` shows every flag's default in ``--help``.  :func:`run_main` turns a
-:class:`~kandinsky5.common.UserError` into one line on stderr and exit status 1.
+:class:`~kandinsky5.common.UserError` into one line on stderr and exit status 1; :func:`add_debug_arg` adds
+``--debug``, which prints the full traceback as well.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kandinsky5.common import UserError, get_logger
+from kandinsky5.common import DEBUG_FLAG, UserError, get_logger, run_cli
 from kandinsky5.configs import NablaConfig, TaskConfig, get_task, task_names
 from kandinsky5.model.attention import backend_from_flags, resolve_backend
 from kandinsky5.musubi_compat import check_args
@@ -33,6 +33,7 @@ __all__ = [
     "add_memory_args",
     "add_config_file_arg",
     "HelpFormatter",
+    "add_debug_arg",
     "parse_args",
     "task_from_args",
     "attention_spec_from_args",
@@ -233,10 +234,15 @@ def attention_spec_from_args(args: argparse.Namespace, task: TaskConfig):
     return AttentionSpec(backend=backend, nabla=nabla)
 
 
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        DEBUG_FLAG,
+        action="store_true",
+        help="on an error also print the full Python traceback (default: one 'error: ...' line)",
+    )
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call ``main(argv)``; a UserError becomes ``error: <message>`` on stderr and exit status 1."""
-    try:
-        return main(argv) or 0
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    """Call ``main(argv)``; a UserError becomes ``error: <message>`` on stderr and exit status 1 (``--debug``: with
+    the traceback).  See ``kandinsky5.common.run_cli``."""
+    return run_cli(main, argv)

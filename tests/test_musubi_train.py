@@ -170,7 +170,6 @@ def test_max_norm_regularisation():
 
 def test_epochs_win_over_steps_and_rotation_windows():
     from kandinsky5.train.config import SaveConfig, TrainConfig
-    from kandinsky5.train.run import rotation_keep
 
     cfg = TrainConfig.__new__(TrainConfig)
     object.__setattr__(cfg, "max_train_steps", 100)
@@ -179,9 +178,9 @@ def test_epochs_win_over_steps_and_rotation_windows():
     object.__setattr__(cfg, "max_train_epochs", None)
     assert cfg.total_steps(7) == 100
     save = SaveConfig("out", "lora", every_n_steps=10, last_n_steps=30, last_n_epochs=2, last_n_steps_state=10)
-    assert rotation_keep(save, "step", False) == 4  # steps 20, 30, 40, 50 at step 50 (musubi keeps the last 30 steps)
-    assert rotation_keep(save, "step", True) == 2 and rotation_keep(save, "epoch", True) == 2
-    assert rotation_keep(dataclasses.replace(save, last_n_epochs_state=1), "epoch", True) == 1
+    assert save.kept("step", False) == 4  # steps 20, 30, 40, 50 at step 50 (musubi keeps the last 30 steps)
+    assert save.kept("step", True) == 2 and save.kept("epoch", True) == 2
+    assert dataclasses.replace(save, last_n_epochs_state=1).kept("epoch", True) == 1
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------------

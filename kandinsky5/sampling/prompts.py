@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kandinsky5.common import UserError, get_logger
+from kandinsky5.configs import latent_frames
 
 __all__ = [
     "PromptLine",
@@ -138,7 +139,7 @@ _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 def describe_frames(frames: int) -> str:
     """'17 video frames (5 latent)': the effective length (musubi's Kandinsky 5 ``--frames`` counts latent frames)."""
-    return f"{frames} video frame{'s' if frames != 1 else ''} ({(frames - 1) // 4 + 1} latent)"
+    return f"{frames} video frame{'s' if frames != 1 else ''} ({latent_frames(frames)} latent)"
 
 
 def musubi_frames_hint(frames: int) -> str:

@@ -52,6 +52,16 @@ class SaveConfig:
     last_n_steps_state: int | None = None  # (default: as last_n_steps)
     state_on_train_end: bool = False  # a state directory at the end even without save_state
 
+    def kept(self, kind: str, state: bool) -> int | None:
+        """How many of the newest ``kind`` ("step" / "epoch") saves rotation keeps (None: all), as musubi:
+        ``--save_last_n_epochs`` counts epoch saves; ``--save_last_n_steps`` N is a window of steps, the saves at most
+        N steps older than the newest, i.e. N // save_every_n_steps + 1 of them.  ``state``: the state dirs, which
+        follow ``--save_last_n_*_state`` when given."""
+        if kind == "epoch":
+            return (self.last_n_epochs_state if state else None) or self.last_n_epochs
+        n = (self.last_n_steps_state if state else None) or self.last_n_steps
+        return None if n is None or not self.every_n_steps else n // self.every_n_steps + 1
+
 
 @dataclass(frozen=True)
 class SampleConfig:
@@ -95,6 +105,8 @@ class TrainConfig:
     persistent_workers: bool = False
     resume: Path | None = None
     logging_dir: Path | None = None
+    overwrite: bool = False  # --overwrite: an earlier run's files in --output_dir may be replaced
+    allow_stale_cache: bool = False  # --allow_stale_cache: caches made with other settings only warn
     cuda_allow_tf32: bool = False  # --cuda_allow_tf32: TF32 matmuls and convolutions
     cudnn_benchmark: bool = False  # --cuda_cudnn_benchmark
     scale_weight_norms: float | None = None  # --scale_weight_norms: max-norm of each LoRA delta (train/regularize)

@@ -1,11 +1,10 @@
 """What the trainer checks before the DiT loads, so that a typo fails in seconds and not after loading 19 B weights.
 
-* the LoRA network is built on a weightless (``meta``-device) DiT of the task: ``--network_module`` imports,
-  ``--network_args`` keys and include/exclude patterns are valid, LoRA+ finds its ``lora_up`` weights;
-* the optimizer and the LR schedule are built on stand-in parameters (``optim.check_build``): ``--optimizer_args``,
-  ``--lr_scheduler_args`` and the ``--lr_*`` flags fit.
-
-:func:`import_network_module` and :func:`create_network` are also what the trainer uses on the real DiT.
+* the LoRA network: :func:`import_network_module` + :func:`create_network`, which ``train.startup`` runs on a
+  weightless (``meta``-device) DiT of the task (``--network_module`` imports, ``--network_args`` keys and
+  include/exclude patterns are valid) and the trainer runs again on the real DiT;
+* :func:`check_before_load`: the optimizer and the LR schedule are built on stand-in parameters
+  (``optim.check_build``): ``--optimizer_args``, ``--lr_scheduler_args``, the ``--lr_*`` flags and LoRA+ fit.
 """
 
 from __future__ import annotations
@@ -52,14 +51,9 @@ def loraplus_ratio(n: NetworkConfig) -> float | None:
 
 
 def check_before_load(cfg: TrainConfig, total_steps: int) -> None:
-    """The network on a meta-device DiT, then the optimizer and the schedule on stand-ins (see the docstring)."""
-    from kandinsky5.model.dit import DiT
-
-    module = import_network_module(cfg.network.module)
-    with torch.device("meta"):
-        network = create_network(module, cfg.network, DiT(cfg.task.dit, cfg.attention))
+    """The optimizer and the schedule on stand-in parameters (LoRA+ groups included), on every rank.  The network
+    itself is built on a meta-device DiT by ``train.startup.meta_network`` (start-up checks, rank 0) just before."""
     ratio = loraplus_ratio(cfg.network)
-    optim.lora_param_groups(network.named_parameters(), cfg.optimizer.learning_rate, ratio)
     optim.check_build(cfg.optimizer, cfg.scheduler, total_steps, ratio)
     if ratio is not None:
         log.info("LoRA+: lora_up weights learn at %g x the learning rate", ratio)

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from kandinsky5.common import UserError, get_logger
-from kandinsky5.train.config import SaveConfig, TrainConfig
-from kandinsky5.train.distributed import DistContext, gather_rng
-from kandinsky5.train.optim import optimizer_name
+from kandinsky5.files import WriteError, guarded_write
+from kandinsky5.train.config import TrainConfig
+from kandinsky5.train.distributed import DistContext, broadcast_object, gather_rng
+from kandinsky5.train.optim import optimizer_class_name, optimizer_name
 from kandinsky5.train.sampler import TrainingSampler
 from kandinsky5.train.state import (
     Progress,
@@ -94,6 +95,17 @@ def resume_run(run: Run, path: Path) -> None:
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, *asdict(run.progress).values())
 
 
+def state_info(run: Run, lora: Path) -> dict[str, object]:
+    """What ``progress.json`` records besides the progress: enough to check a ``--resume`` before loading."""
+    cfg, n = run.cfg, run.cfg.network
+    return {
+        "seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": lora.name,
+        "optimizer": optimizer_name(cfg.optimizer), "optimizer_class": optimizer_class_name(cfg.optimizer),
+        "mixed_precision": cfg.mixed_precision, "network_module": n.module, "network_dim": n.dim,
+        "network_alpha": n.alpha, "network_args": {k: repr(v) for k, v in dict(n.args).items()},
+    }  # fmt: skip
+
+
 def lora_metadata(run: Run) -> dict[str, object]:
     """Metadata of a saved LoRA: what it was trained on and how (K5 keys + kohya-style ss_* keys)."""
     cfg, p = run.cfg, run.progress
@@ -121,37 +133,47 @@ def lora_metadata(run: Run) -> dict[str, object]:
 
 
 def save_checkpoint(run: Run, stem: str, state: bool) -> None:
-    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather."""
+    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather.
+
+    The LoRA file and its state directory are written completely under temporary names before either is renamed,
+    so a failed save (disk full, ...) leaves both as they were, and they always come from the same step.  A failure
+    stops every rank with one line naming the last good checkpoint.
+    """
     cfg = run.cfg
     rng = gather_rng(run.ctx, run.generator) if state else []
+    error = None
     if run.ctx.is_main:
-        path = cfg.save.output_dir / f"{stem}.safetensors"
-        run.module.save_lora(path, run.network, lora_metadata(run), format=cfg.save.format)
-        run.last_checkpoint = path
-        if state:
-            info = {"seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": path.name}
-            writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, info)
-            run.last_checkpoint = write_state_dir(cfg.save.output_dir / f"{stem}-state", writers)
-        log.info("saved %s%s", path, " (+ state)" if state else "")
+        try:
+            _write_checkpoint(run, cfg.save.output_dir / f"{stem}.safetensors", state, rng)
+        except WriteError as exc:
+            what = f"{stem}.safetensors" + (f" and {stem}-state" if state else "")
+            error = (
+                f"cannot save {what} in {cfg.save.output_dir}: {exc.reason}; nothing was replaced, last good "
+                f"checkpoint: {run.last_checkpoint or 'none written yet'} (free space, then --resume a state)"
+            )
+    error = broadcast_object(run.ctx, error) if run.ctx.distributed else error
+    if error is not None:
+        raise UserError(error)
     run.ctx.barrier()
 
 
+def _write_checkpoint(run: Run, path: Path, state: bool, rng: list[dict]) -> None:
+    cfg = run.cfg
+    with guarded_write(path, "LoRA") as tmp:  # renamed only after the state directory is complete
+        run.module.save_lora(tmp, run.network, lora_metadata(run), format=cfg.save.format)
+        if state:
+            writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, state_info(run, path))
+            state_dir = write_state_dir(path.with_name(f"{path.stem}-state"), writers)
+    run.last_checkpoint = state_dir if state else path
+    log.info("saved %s%s", path, " (+ state)" if state else "")
+
+
 def save_and_rotate(run: Run, kind: str, number: int) -> None:
-    """A step or epoch checkpoint, then deletion of the older LoRA files and state dirs (:func:`rotation_keep`)."""
+    """A step or epoch checkpoint, then deletion of the older LoRA files and state dirs (``SaveConfig.kept``)."""
     s = run.cfg.save
     stem = f"-step{number:08d}" if kind == "step" else f"-{number:06d}"
     save_checkpoint(run, s.output_name + stem, s.save_state)
     numbered = r"-step(\d+)" if kind == "step" else r"-(\d{6})"
-    for suffix, keep in ((r"\.safetensors", rotation_keep(s, kind, False)), ("-state", rotation_keep(s, kind, True))):
+    for suffix, keep in ((r"\.safetensors", s.kept(kind, False)), ("-state", s.kept(kind, True))):
         if keep and run.ctx.is_main:
             rotate(s.output_dir, f"{re.escape(s.output_name)}{numbered}{suffix}", keep, number)
-
-
-def rotation_keep(save: SaveConfig, kind: str, state: bool) -> int | None:
-    """How many of the newest ``kind`` saves to keep (None: all), as musubi: ``--save_last_n_epochs`` counts epoch
-    saves; ``--save_last_n_steps`` N is a window of steps, the saves at most N steps older than the newest, i.e.
-    N // save_every_n_steps + 1 of them.  State dirs follow ``--save_last_n_*_state`` when given."""
-    if kind == "epoch":
-        return (save.last_n_epochs_state if state else None) or save.last_n_epochs
-    n = (save.last_n_steps_state if state else None) or save.last_n_steps
-    return None if n is None or not save.every_n_steps else n // save.every_n_steps + 1
