@@ -281,3 +281,11 @@ def test_bad_musubi_toml_sample_prompts_fail_before_training(tiny_bundle, toy, t
     err = capsys.readouterr().err
     assert f"error: --sample_prompts {prompts}:6: unknown key 'sample_stepz'" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_to_switch_loraplus(tiny_bundle, toy, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    assert train(base_args(tiny_bundle, toy, out, steps=1) + ["--save_state"]) == 0
+    again = base_args(tiny_bundle, toy, out, steps=2) + ["--resume", str(out / "lora-state")]
+    assert train(again + ["--network_args", "loraplus_lr_ratio=4"]) == 1
+    assert "saved with LoRA+ (--network_args loraplus_lr_ratio) off, this run asks for on" in capsys.readouterr().err

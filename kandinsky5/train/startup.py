@@ -156,6 +156,10 @@ def check_resume(cfg: TrainConfig, world_size: int, net: MetaNetwork | None) -> 
     asked_targets = {k: repr(n.args[k]) if k in n.args else None for k in targets}
     if "network_args" in meta and targets != asked_targets:
         raise _mismatch(path, "--network_args targets", targets, asked_targets)
+    saved_plus = "on" if "loraplus_lr_ratio" in meta.get("network_args", {}) else "off"
+    asked_plus = "on" if "loraplus_lr_ratio" in n.args else "off"
+    if "network_args" in meta and saved_plus != asked_plus:  # the optimizer's parameter groups differ
+        raise _mismatch(path, "LoRA+ (--network_args loraplus_lr_ratio)", saved_plus, asked_plus)
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
         _check_torch_file(path / name)
     if net is not None:
