@@ -7,7 +7,9 @@ The four scripts build their parsers from these groups so that a flag means the 
 * :func:`add_memory_args` — ``--fp8_base``, ``--fp8_scaled``, ``--fp8_fast``, ``--blocks_to_swap``, ...
 
 :func:`parse_args` reads an optional TOML file (``--config_file``) whose keys must be flag names (unknown keys are an
-error listing the close matches); the command line wins over the file.  :func:`run_main` turns a
+error listing the close matches); the command line wins over the file; ``--config_file run`` also finds
+``run.toml`` (as musubi).  It then refuses musubi flags that are not offered (:mod:`kandinsky5.musubi_compat`).
+:class:`HelpFormatter` shows every flag's default in ``--help``.  :func:`run_main` turns a
 :class:`~kandinsky5.common.UserError` into one line on stderr and exit status 1; :func:`add_debug_arg` adds
 ``--debug``, which prints the full traceback as well.
 """
@@ -23,12 +25,14 @@ from pathlib import Path
 from kandinsky5.common import DEBUG_FLAG, UserError, get_logger, run_cli
 from kandinsky5.configs import NablaConfig, TaskConfig, get_task, task_names
 from kandinsky5.model.attention import backend_from_flags, resolve_backend
+from kandinsky5.musubi_compat import check_args
 
 __all__ = [
     "add_model_args",
     "add_attention_args",
     "add_memory_args",
     "add_config_file_arg",
+    "HelpFormatter",
     "add_debug_arg",
     "parse_args",
     "task_from_args",
@@ -80,11 +84,12 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     n.add_argument(
         "--force_nabla_attention", action="store_true", help="use NABLA even if the task defaults to dense attention"
     )
-    n.add_argument("--nabla_method", choices=("topcdf", "topk"), default=None, help="block selection (topcdf)")
-    n.add_argument("--nabla_P", type=float, default=None, help="CDF threshold / kept fraction (task value or 0.9)")
-    n.add_argument("--nabla_wT", type=int, default=None, help="STA window in latent frames (11)")
-    n.add_argument("--nabla_wH", type=int, default=None, help="STA window in 8x8-token tiles, height (3)")
-    n.add_argument("--nabla_wW", type=int, default=None, help="STA window in 8x8-token tiles, width (3)")
+    n.add_argument("--nabla_method", choices=("topcdf", "topk"), default=None,
+                   help="block selection (default: task's or topcdf)")  # fmt: skip
+    n.add_argument("--nabla_P", type=float, default=None, help="CDF threshold / kept fraction (default: task's or 0.9)")
+    n.add_argument("--nabla_wT", type=int, default=None, help="STA window, latent frames (default: task's or 11)")
+    n.add_argument("--nabla_wH", type=int, default=None, help="STA window, 8x8-token tiles, height (default 3)")
+    n.add_argument("--nabla_wW", type=int, default=None, help="STA window, 8x8-token tiles, width (default 3)")
     sta = n.add_mutually_exclusive_group()
     sta.add_argument(
         "--nabla_add_sta",
@@ -126,16 +131,42 @@ def add_config_file_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` with every flag's default: appended as ``(default: ...)`` unless the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        return f"{text} (default: {_default_text(action.default)})"
+
+
+def _default_text(value: object) -> str:
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).replace("%", "%%")
+
+
+def config_file_path(path: str) -> Path:
+    """``--config_file run`` finds ``run.toml`` (as musubi) when ``run`` itself does not exist."""
+    file = Path(path)
+    if not file.exists() and file.suffix != ".toml" and file.with_name(file.name + ".toml").exists():
+        return file.with_name(file.name + ".toml")
+    return file
+
+
 def _apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
     import toml
 
-    file = Path(path)
+    file = config_file_path(path)
     if not file.exists():
-        raise UserError(f"--config_file {path} does not exist")
+        raise UserError(f"--config_file {path} does not exist (nor {path}.toml)")
     try:
         values = toml.load(file)
     except toml.TomlDecodeError as exc:
-        raise UserError(f"--config_file {path} is not valid TOML: {exc}") from None
+        raise UserError(f"--config_file {file} is not valid TOML: {exc}") from None
     flat = {}
     for key, value in values.items():
         flat.update(value if isinstance(value, dict) else {key: value})  # [sections] are only for grouping
@@ -144,7 +175,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
         if key not in dests:
             close = difflib.get_close_matches(key, dests, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UserError(f"unknown key {key!r} in --config_file {path}{hint}")
+            raise UserError(f"unknown key {key!r} in --config_file {file}{hint}")
     parser.set_defaults(**flat)
 
 
@@ -153,7 +184,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     pre, _ = parser.parse_known_args(argv)
     if getattr(pre, "config_file", None):
         _apply_config_file(parser, pre.config_file)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
 
 
 def task_from_args(args: argparse.Namespace) -> TaskConfig:

@@ -86,10 +86,9 @@ def _event_tags(folder: Path) -> tuple[dict, list[int]]:
 
 
 def test_tensorboard_tags_sheet_summary_and_resumed_run_folder(tiny_bundle, tmp_path, caplog):
+    from kandinsky5.model.vae import vae_file_identity
     from tests.test_train_cli import base_args, train
     from tests.test_training import write_toy_cache
-
-    from kandinsky5.model.vae import vae_file_identity
 
     vae = tiny_bundle / "vae" / "diffusion_pytorch_model.safetensors"
     toml = write_toy_cache(tmp_path / "data", n_items=5, batch_size=1, vae=vae_file_identity(vae))
