@@ -256,7 +256,8 @@ def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
     for path in args.lora_weight:
         if not Path(path).is_file():
             raise UserError(f"--lora_weight {path} does not exist")
-    return attention_spec_from_args(args, task), memory_config_from_args(args)
+    precision = (getattr(torch, args.dtype), f"--dtype {args.dtype}")
+    return attention_spec_from_args(args, task, precision), memory_config_from_args(args)
 
 
 def _lora_multipliers(args: argparse.Namespace) -> list[float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import NablaConfig, TaskConfig, get_task, task_names
-from kandinsky5.model.attention import backend_from_flags, resolve_backend
+from kandinsky5.model.attention import backend_from_flags, check_backend_dtype, resolve_backend
 
 __all__ = [
     "add_model_args",
@@ -185,12 +185,19 @@ def nabla_from_args(args: argparse.Namespace, task: TaskConfig) -> NablaConfig |
         raise UserError(str(exc)) from None
 
 
-def attention_spec_from_args(args: argparse.Namespace, task: TaskConfig):
-    """Resolve the attention flags into a :class:`kandinsky5.model.dit.AttentionSpec` (imports happen here, once)."""
+def attention_spec_from_args(args: argparse.Namespace, task: TaskConfig, precision: tuple | None = None):
+    """Resolve the attention flags into a :class:`kandinsky5.model.dit.AttentionSpec` (imports happen here, once).
+
+    ``precision`` = (compute dtype, the flag that chose it), e.g. ``(torch.float32, "--mixed_precision no")``: a
+    dense backend without kernels for that dtype is refused now, before any model loads (NABLA runs instead of the
+    dense backend, so it is not checked then).
+    """
     from kandinsky5.model.dit import AttentionSpec
 
     backend = backend_from_flags(**{f: bool(getattr(args, f, False)) for f in _BACKEND_FLAGS})
     nabla = nabla_from_args(args, task)
+    if precision is not None and nabla is None:
+        check_backend_dtype(backend, *precision)
     resolve_backend(backend, log_choice=nabla is None)  # import the kernel now: a missing package fails here
     if nabla is not None:
         log.info(

@@ -152,9 +152,10 @@ def block_mask(q: torch.Tensor, k: torch.Tensor, cfg: NablaConfig, sta: torch.Te
     mask = torch.zeros(b, h, n, n, dtype=torch.bool, device=q.device)
     for heads in _head_chunks(b, h, n):
         probs = torch.softmax(qa[:, heads] @ ka[:, heads].transpose(-2, -1) / math.sqrt(d), dim=-1)
-        _select(probs, cfg, mask[:, heads])
+        part = mask[:, heads]  # a view: written in place
+        _select(probs, cfg, part)
         if cfg.add_sta and sta is not None:
-            mask[:, heads] |= sta
+            part |= sta
     return mask
 
 

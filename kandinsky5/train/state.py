@@ -132,10 +132,16 @@ def read_state_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dic
     return (
         meta,
         load_file(str(path / "network.safetensors")),
-        torch.load(path / "optimizer.pt", weights_only=True),
-        torch.load(path / "scheduler.pt", weights_only=True),
-        torch.load(path / "rng.pt", weights_only=False),  # python/numpy RNG tuples; our own file
+        _load_to_cpu(path / "optimizer.pt"),
+        _load_to_cpu(path / "scheduler.pt"),
+        _load_to_cpu(path / "rng.pt", weights_only=False),  # python/numpy RNG tuples; our own file
     )
+
+
+def _load_to_cpu(file: Path, weights_only: bool = True):
+    """``torch.load`` onto the CPU: a state saved from cuda:N must not create a CUDA context on cuda:N in every
+    rank (nor fail on a machine without that GPU); ``optimizer.load_state_dict`` moves the state to its params."""
+    return torch.load(file, map_location="cpu", weights_only=weights_only)
 
 
 def rotate(directory: Path, pattern: str, keep: int, current: int) -> list[Path]:
