@@ -102,8 +102,19 @@ def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> 
     g.add_argument("--fp8_scaled", action="store_true", help="accepted for musubi compatibility; fp8 is always scaled")
     g.add_argument("--fp8_fast", action="store_true", help="with --fp8_base: fp8 scaled matmul on GPUs that have it")
     g.add_argument("--blocks_to_swap", type=int, default=0, help="transformer blocks kept in CPU memory and streamed")
-    g.add_argument(
-        "--use_pinned_memory_for_block_swap", action="store_true", help="pin swapped blocks' CPU memory (faster copy)"
+    pin = g.add_mutually_exclusive_group()
+    pin.add_argument(
+        "--use_pinned_memory_for_block_swap",
+        dest="use_pinned_memory_for_block_swap",
+        action="store_true",
+        default=None,
+        help="pin the swapped blocks' CPU memory so copies overlap compute (default: on when CUDA is present)",
+    )
+    pin.add_argument(
+        "--no_pinned_memory_for_block_swap",
+        dest="use_pinned_memory_for_block_swap",
+        action="store_false",
+        help="keep the swapped blocks in pageable CPU memory (locks no host RAM; copies no longer overlap compute)",
     )
     g.add_argument(
         "--offload_dit_during_sampling",
