@@ -175,8 +175,10 @@ def test_one_compiled_flex_kernel_serves_every_bucket_and_the_cfg_batch():
     sequence length) and a CFG batch of 2 compile the flex kernel once (forward only: CPU flex has no backward)."""
     from torch._dynamo.utils import counters
 
+    from kandinsky5.model import nabla
     from kandinsky5.model.nabla import flex_block_attention
 
+    nabla._compiled_flex.cache_clear()  # a fresh torch.compile, whatever ran before in this process
     before = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         for b, n in ((1, 4), (1, 6), (1, 9), (2, 6)):
