@@ -231,3 +231,17 @@ def test_sta_prior_is_cached_per_grid_and_compact():
     assert first.dtype == torch.bool and first.shape == (n, n)
     assert mem.peak <= 1.5 * n * n  # bool (N, N) plus per-axis scraps; was ~50 N^2 bytes (int64 deltas)
     assert sta_mask(*grid) is first  # the next forward on this grid reuses it
+
+
+def test_autocast_state_does_not_add_a_compiled_version():
+    from torch._dynamo.utils import counters
+
+    from kandinsky5.model.nabla import flex_block_attention
+
+    q, k, v, mask = _random_case(1, 4, 5)
+    with torch.no_grad():
+        flex_block_attention(q, k, v, mask)
+        before = counters["stats"]["unique_graphs"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = flex_block_attention(q, k, v, mask)
+    assert counters["stats"]["unique_graphs"] == before and out.dtype == torch.float32

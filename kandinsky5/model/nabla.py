@@ -26,7 +26,8 @@ under ``torch.compile`` with the official settings (:data:`FLEX_COMPILE`).  Why 
   run sample by sample (a CFG batch of 2 is two calls of the same kernel), because Dynamo specialises a batch of 1
   and flex marks the head count static; shapes are traced without "duck sizing" (``use_duck_shape=False``), so a
   block count that happens to equal the head count does not pin the sequence length.  What still makes a new
-  compiled entry: grad mode (training vs sampling), dtype and a 1-block grid.
+  compiled entry: grad mode (training vs sampling), dtype and a 1-block grid (the kernel runs outside autocast,
+  whose state would count too).
 * ``fullgraph=True``: a graph break or Dynamo's recompile limit (8 entries) is an error, never the silent eager
   fallback (which materialises the S x S scores: ~145 GB at 47,616 tokens).
 
@@ -196,10 +197,15 @@ def _kv_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run_compiled(*args: torch.Tensor) -> torch.Tensor:
+    """The compiled kernel, traced without duck sizing and outside autocast (q, k, v already have the compute
+    dtype; an autocast state is part of Dynamo's guards, so leaving it on would add compiled versions)."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+    from torch.fx.experimental import _config as shape_config
+
     try:
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
+        with shape_config.patch(use_duck_shape=False), torch.autocast(args[0].device.type, enabled=False):
             return _compiled_flex()(*args)
-    except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+    except FailOnRecompileLimitHit as exc:
         limit = torch._dynamo.config.recompile_limit
         raise RuntimeError(
             f"NABLA flex attention needed more than torch._dynamo.config.recompile_limit = {limit} compiled versions "
