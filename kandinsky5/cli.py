@@ -84,16 +84,19 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--nabla_wT", type=int, default=None, help="STA window in latent frames (11)")
     n.add_argument("--nabla_wH", type=int, default=None, help="STA window in 8x8-token tiles, height (3)")
     n.add_argument("--nabla_wW", type=int, default=None, help="STA window in 8x8-token tiles, width (3)")
-    sta = n.add_mutually_exclusive_group()
-    sta.add_argument(
-        "--nabla_add_sta",
-        dest="nabla_add_sta",
-        action="store_true",
-        default=None,
-        help="OR the sliding-tile (STA) prior into the NABLA mask (default)",
-    )
-    sta.add_argument("--no_nabla_add_sta", dest="nabla_add_sta", action="store_false",
-                     help="use only the dynamic NABLA mask, without the STA prior")  # fmt: skip
+    _add_on_off(
+        n, "--nabla_add_sta", "--no_nabla_add_sta",
+        "OR the sliding-tile (STA) prior into the NABLA mask (default)",
+        "use only the dynamic NABLA mask, without the STA prior",
+    )  # fmt: skip
+
+
+def _add_on_off(group, on: str, off: str, on_help: str, off_help: str) -> None:
+    """Two exclusive switches writing True / False to ``on``'s dest (None when neither is given)."""
+    pair = group.add_mutually_exclusive_group()
+    dest = on.removeprefix("--")
+    pair.add_argument(on, dest=dest, action="store_true", default=None, help=on_help)
+    pair.add_argument(off, dest=dest, action="store_false", help=off_help)
 
 
 def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
@@ -102,20 +105,11 @@ def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> 
     g.add_argument("--fp8_scaled", action="store_true", help="accepted for musubi compatibility; fp8 is always scaled")
     g.add_argument("--fp8_fast", action="store_true", help="with --fp8_base: fp8 scaled matmul on GPUs that have it")
     g.add_argument("--blocks_to_swap", type=int, default=0, help="transformer blocks kept in CPU memory and streamed")
-    pin = g.add_mutually_exclusive_group()
-    pin.add_argument(
-        "--use_pinned_memory_for_block_swap",
-        dest="use_pinned_memory_for_block_swap",
-        action="store_true",
-        default=None,
-        help="pin the swapped blocks' CPU memory so copies overlap compute (default: on when CUDA is present)",
-    )
-    pin.add_argument(
-        "--no_pinned_memory_for_block_swap",
-        dest="use_pinned_memory_for_block_swap",
-        action="store_false",
-        help="keep the swapped blocks in pageable CPU memory (locks no host RAM; copies no longer overlap compute)",
-    )
+    _add_on_off(
+        g, "--use_pinned_memory_for_block_swap", "--no_pinned_memory_for_block_swap",
+        "pin the swapped blocks' CPU memory so copies overlap compute (default: on when CUDA is present)",
+        "keep the swapped blocks in pageable CPU memory (locks no host RAM; copies no longer overlap compute)",
+    )  # fmt: skip
     g.add_argument(
         "--offload_dit_during_sampling",
         action="store_true",
