@@ -174,7 +174,9 @@ def dense_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 
 def _flex_sample(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor):
     """Compiled body: q, k, v (1, H, S, D); counts (1, H, N) int32; indices (1, H, N, N) int32 -> (1, H, S, D)."""
-    no_partial = indices.new_zeros(()).expand_as(indices)  # a separate buffer: Inductor's CPU template needs it
+    # No partial blocks (kv_num_blocks = 0), so their indices are never read.  CUDA: the full-block indices, as the
+    # official code passes them (no extra memory); CPU: Inductor's C++ template fails when both are one buffer.
+    no_partial = indices if indices.is_cuda else indices.new_zeros(()).expand_as(indices)
     bm = BlockMask.from_kv_blocks(
         torch.zeros_like(counts), no_partial, counts, indices, BLOCK_SIZE=BLOCK, mask_mod=None,
         compute_q_blocks=torch.is_grad_enabled(),  # the transposed indices are only needed by the backward
