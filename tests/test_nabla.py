@@ -178,7 +178,8 @@ def test_one_compiled_flex_kernel_serves_every_bucket_and_the_cfg_batch():
     from kandinsky5.model import nabla
     from kandinsky5.model.nabla import flex_block_attention
 
-    nabla._compiled_flex.cache_clear()  # a fresh torch.compile, whatever ran before in this process
+    torch._dynamo.reset()  # forget entries compiled earlier in this process (e.g. by bench/gpu_check.py --dry_run)
+    nabla._compiled_flex.cache_clear()
     before = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         for b, n in ((1, 4), (1, 6), (1, 9), (2, 6)):
