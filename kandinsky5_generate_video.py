@@ -278,7 +278,8 @@ def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
     args.lora_multiplier = _lora_multipliers(args)  # one value per file from here on (the warning is said once)
     for path in args.lora_weight:
         read_safetensors_header(path, "--lora_weight")  # a missing, truncated or foreign file: one line, now
-    return attention_spec_from_args(args, task), memory_config_from_args(args)
+    precision = (getattr(torch, args.dtype), f"--dtype {args.dtype}")
+    return attention_spec_from_args(args, task, precision), memory_config_from_args(args)
 
 
 def _lora_multipliers(args: argparse.Namespace) -> list[float]:

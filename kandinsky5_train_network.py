@@ -214,6 +214,13 @@ def _mixed_precision(flag: str | None) -> str:
     return value
 
 
+def _precision(flag: str | None) -> tuple[torch.dtype, str]:
+    """(compute dtype, what set it) for the attention-kernel check."""
+    value = _mixed_precision(flag)
+    source = f"--mixed_precision {value}" if flag else f"mixed precision {value!r} (accelerate's setting)"
+    return (torch.float32 if value == "no" else torch.bfloat16), source
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from kandinsky5.memory.build import memory_config_from_args
 
@@ -244,7 +251,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         task=task,
         dit_path=Path(args.dit),
         dataset_config=Path(args.dataset_config),
-        attention=cli.attention_spec_from_args(args, task),
+        attention=cli.attention_spec_from_args(args, task, _precision(args.mixed_precision)),
         memory=memory_config_from_args(args),
         mixed_precision=_mixed_precision(args.mixed_precision),
         seed=args.seed,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kandinsky5.common import DEBUG_FLAG, UserError, get_logger, run_cli
 from kandinsky5.configs import NablaConfig, TaskConfig, get_task, task_names
-from kandinsky5.model.attention import backend_from_flags, resolve_backend
+from kandinsky5.model.attention import backend_from_flags, check_backend_dtype, resolve_backend
 from kandinsky5.musubi_compat import check_args
 
 __all__ = [
@@ -90,16 +90,19 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--nabla_wT", type=int, default=None, help="STA window, latent frames (default: task's or 11)")
     n.add_argument("--nabla_wH", type=int, default=None, help="STA window, 8x8-token tiles, height (default 3)")
     n.add_argument("--nabla_wW", type=int, default=None, help="STA window, 8x8-token tiles, width (default 3)")
-    sta = n.add_mutually_exclusive_group()
-    sta.add_argument(
-        "--nabla_add_sta",
-        dest="nabla_add_sta",
-        action="store_true",
-        default=None,
-        help="OR the sliding-tile (STA) prior into the NABLA mask (default)",
-    )
-    sta.add_argument("--no_nabla_add_sta", dest="nabla_add_sta", action="store_false",
-                     help="use only the dynamic NABLA mask, without the STA prior")  # fmt: skip
+    _add_on_off(
+        n, "--nabla_add_sta", "--no_nabla_add_sta",
+        "OR the sliding-tile (STA) prior into the NABLA mask (default)",
+        "use only the dynamic NABLA mask, without the STA prior",
+    )  # fmt: skip
+
+
+def _add_on_off(group, on: str, off: str, on_help: str, off_help: str) -> None:
+    """Two exclusive switches writing True / False to ``on``'s dest (None when neither is given)."""
+    pair = group.add_mutually_exclusive_group()
+    dest = on.removeprefix("--")
+    pair.add_argument(on, dest=dest, action="store_true", default=None, help=on_help)
+    pair.add_argument(off, dest=dest, action="store_false", help=off_help)
 
 
 def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
@@ -108,9 +111,11 @@ def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> 
     g.add_argument("--fp8_scaled", action="store_true", help="accepted for musubi compatibility; fp8 is always scaled")
     g.add_argument("--fp8_fast", action="store_true", help="with --fp8_base: fp8 scaled matmul on GPUs that have it")
     g.add_argument("--blocks_to_swap", type=int, default=0, help="transformer blocks kept in CPU memory and streamed")
-    g.add_argument(
-        "--use_pinned_memory_for_block_swap", action="store_true", help="pin swapped blocks' CPU memory (faster copy)"
-    )
+    _add_on_off(
+        g, "--use_pinned_memory_for_block_swap", "--no_pinned_memory_for_block_swap",
+        "pin the swapped blocks' CPU memory so copies overlap compute (default: on when CUDA is present)",
+        "keep the swapped blocks in pageable CPU memory (locks no host RAM; copies no longer overlap compute)",
+    )  # fmt: skip
     g.add_argument(
         "--offload_dit_during_sampling",
         action="store_true",
@@ -219,12 +224,19 @@ def nabla_from_args(args: argparse.Namespace, task: TaskConfig) -> NablaConfig |
         raise UserError(str(exc)) from None
 
 
-def attention_spec_from_args(args: argparse.Namespace, task: TaskConfig):
-    """Resolve the attention flags into a :class:`kandinsky5.model.dit.AttentionSpec` (imports happen here, once)."""
+def attention_spec_from_args(args: argparse.Namespace, task: TaskConfig, precision: tuple | None = None):
+    """Resolve the attention flags into a :class:`kandinsky5.model.dit.AttentionSpec` (imports happen here, once).
+
+    ``precision`` = (compute dtype, the flag that chose it), e.g. ``(torch.float32, "--mixed_precision no")``: a
+    dense backend without kernels for that dtype is refused now, before any model loads (NABLA runs instead of the
+    dense backend, so it is not checked then).
+    """
     from kandinsky5.model.dit import AttentionSpec
 
     backend = backend_from_flags(**{f: bool(getattr(args, f, False)) for f in _BACKEND_FLAGS})
     nabla = nabla_from_args(args, task)
+    if precision is not None and nabla is None:
+        check_backend_dtype(backend, *precision)
     resolve_backend(backend, log_choice=nabla is None)  # import the kernel now: a missing package fails here
     if nabla is not None:
         log.info(
