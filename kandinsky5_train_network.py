@@ -10,8 +10,9 @@ backward -> (all-reduce) -> clip -> optimizer and LR step -> save / sample.  See
 Tensor layouts (``kandinsky5.train``): latents ``(B, T, h, w, 16)`` channels-last, DiT input ``(B, T, h, w, 33)``,
 text ``(B, L, D)`` + ``(B, L)`` mask, pooled ``(B, Dc)``, flow time ``t`` ``(B,)`` in [0, 1].
 
-Multi-GPU: ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun``); data is sharded per batch, LoRA
-gradients are all-reduced, only rank 0 saves, samples and logs.
+Multi-GPU / multi-node: ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun``); data is sharded per
+batch; the LoRA is trained under torch's DDP, or with ``--fsdp`` everything is sharded with FSDP2
+(``kandinsky5.train.distributed`` / ``kandinsky5.train.fsdp``); only rank 0 saves and logs.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ from kandinsky5.train import optim
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
 from kandinsky5.train.distributed import (
     DistContext,
+    add_distributed_args,
     broadcast_object,
-    broadcast_params_,
+    build_engine,
     check_ranks_agree,
+    close_distributed,
+    default_timeout_minutes,
+    distributed_config_from_args,
     init_distributed,
 )
 from kandinsky5.train.objective import batch_to_device, flow_matching_loss
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network_args(p)
     _add_timestep_args(p)
     _add_save_args(p)
+    add_distributed_args(p)
     return p
 
 
@@ -282,6 +288,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         persistent_workers=args.persistent_data_loader_workers,
         resume=Path(args.resume) if args.resume else None,
         logging_dir=Path(args.logging_dir) if args.logging_dir else None,
+        distributed=distributed_config_from_args(args, optim.parse_kv_args(args.network_args, "--network_args")),
     )
 
 
@@ -327,18 +334,15 @@ def _log_setup(cfg: TrainConfig, ctx, items: list, total: int, per_epoch: int) -
     )  # fmt: skip
 
 
-def setup(cfg: TrainConfig, ctx: DistContext):
+def setup(cfg: TrainConfig, ctx: DistContext, requests: list):
     """Check the caches, build DiT + LoRA + optimizer + schedule and the data loader."""
     from torch.utils.data import DataLoader
 
     from dataset.config import load_dataset_config
     from dataset.latent_dataset import BucketBatchSampler, LatentDataset, collate, discover_items
-    from kandinsky5.memory.build import build_dit
     from kandinsky5.model.loading import file_fingerprint
     from kandinsky5.model.nabla import check_geometry
 
-    # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
-    requests = sample_requests(cfg.task, cfg.sample.prompts) if cfg.sample.enabled else []
     seed = broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
     items = discover_items(load_dataset_config(cfg.dataset_config), cfg.task)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)
@@ -348,20 +352,16 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
         for _, h, w in sorted({i.shape for i in items}):
             check_geometry(h // 2, w // 2)
-    dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True)
-    dit.requires_grad_(False)
-    seed_everything(seed)  # the same LoRA init on every rank (broadcast below as well)
-    network, module = _build_network(cfg, dit)
-    network.to(ctx.device)
-    broadcast_params_(ctx, network.parameters())
+    engine = build_engine(cfg, ctx, seed, lambda dit: _build_network(cfg, dit))  # one process, DDP or FSDP
+    dit, network, module = engine.dit, engine.network, engine.module
     optimizer = optim.build_optimizer([p for p in network.parameters() if p.requires_grad], cfg.optimizer)
     scheduler = optim.build_scheduler(optimizer, cfg.scheduler, total)
     seed_everything(seed + ctx.rank)  # dropout masks differ per rank
     generator = torch.Generator(ctx.device).manual_seed(seed * 1009 + ctx.rank)
     run = Run(cfg, ctx, dit, network, module, optimizer, scheduler, generator, seed, total, len(items),
-              file_fingerprint(cfg.dit_path))  # fmt: skip
-    if requests and ctx.is_main:  # only rank 0 samples; the encoders load lazily, at the first sample
-        run.sampler = TrainingSampler(cfg, ctx.device, requests)
+              file_fingerprint(cfg.dit_path), engine=engine)  # fmt: skip
+    if requests and (ctx.is_main or engine.sharded):  # rank 0 samples (all ranks in lockstep under --fsdp)
+        run.sampler = TrainingSampler(cfg, ctx.device, requests, writes=ctx.is_main)
     loader = DataLoader(
         LatentDataset(items, with_image=cfg.task.is_i2v),
         batch_sampler=sampler,
@@ -408,15 +408,17 @@ def after_epoch(run: Run, epoch: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def micro_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward + backward of one micro-batch: draw t and noise, flow-matching loss; returns the loss."""
+def micro_step(run: Run, batch: dict[str, torch.Tensor], last: bool = True) -> torch.Tensor:
+    """Forward + backward of one micro-batch: draw t and noise, flow-matching loss; returns the loss.  Gradients are
+    reduced over ranks only on the ``last`` micro-batch of a step."""
     cfg, device = run.cfg, run.ctx.device
     b = batch_to_device(batch, device)
     t = flow.sample_timesteps(cfg.timesteps, b.latents.shape[0], generator=run.generator, device=device)
     noise = torch.randn(b.latents.shape, generator=run.generator, device=device, dtype=torch.float32)
-    with torch.autocast(device.type, dtype=cfg.weight_dtype, enabled=cfg.autocast):
-        loss = flow_matching_loss(run.dit, b, t, noise, cfg.task.rope_scale, cfg.i2v_mode)
-    (loss / cfg.gradient_accumulation_steps).backward()
+    with run.engine.sync(last):
+        with torch.autocast(device.type, dtype=cfg.weight_dtype, enabled=cfg.autocast):
+            loss = flow_matching_loss(run.engine.model, b, t, noise, cfg.task.rope_scale, cfg.i2v_mode)
+        (loss / cfg.gradient_accumulation_steps).backward()
     return loss.detach()
 
 
@@ -439,7 +441,8 @@ def train_epoch(run: Run, loader, batches_per_epoch: int, bar, tracker) -> bool:
     p, accum = run.progress, run.cfg.gradient_accumulation_steps
     loss_sum, micro = torch.zeros((), device=run.ctx.device), 0
     for batch in loader:
-        loss_sum, micro = loss_sum + micro_step(run, batch), micro + 1
+        last = micro + 1 >= accum or p.batches_in_epoch + 1 >= batches_per_epoch
+        loss_sum, micro = loss_sum + micro_step(run, batch, last), micro + 1
         p.batches_in_epoch += 1
         if micro < accum and p.batches_in_epoch < batches_per_epoch:
             continue
@@ -464,11 +467,11 @@ def _tracker(cfg: TrainConfig, ctx):
     return SummaryWriter(cfg.logging_dir / f"{cfg.save.output_name}_{time.strftime('%Y%m%d%H%M%S')}")
 
 
-def train(cfg: TrainConfig, ctx: DistContext) -> Path | None:
+def train(cfg: TrainConfig, ctx: DistContext, requests: list | None = None) -> Path | None:
     """The whole run; returns the final LoRA (or state) path written by rank 0."""
     from tqdm import tqdm
 
-    run, loader, sampler = setup(cfg, ctx)
+    run, loader, sampler = setup(cfg, ctx, requests or [])
     if cfg.resume is not None:
         resume_run(run, cfg.resume)
     tracker = _tracker(cfg, ctx)
@@ -494,14 +497,16 @@ def train(cfg: TrainConfig, ctx: DistContext) -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(cli.parse_args(build_parser(), argv))
-    ctx = init_distributed()
+    # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
+    requests = sample_requests(cfg.task, cfg.sample.prompts) if cfg.sample.enabled else []
+    timeout = cfg.distributed.timeout_minutes or default_timeout_minutes(cfg.task, requests)
+    ctx = init_distributed(timeout, fsdp=cfg.distributed.fsdp)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the setup log, from rank 0
     try:
-        train(cfg, ctx)
+        train(cfg, ctx, requests)
     finally:
-        if ctx.distributed:
-            torch.distributed.destroy_process_group()
+        close_distributed()
     return 0
 
 

@@ -14,6 +14,7 @@ import torch
 from kandinsky5.common import get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.model import flow
+from kandinsky5.train.distributed import DistributedConfig
 from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ class TrainConfig:
     persistent_workers: bool = False
     resume: Path | None = None
     logging_dir: Path | None = None
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def weight_dtype(self) -> torch.dtype:

@@ -20,7 +20,7 @@ import torch
 
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.train.config import TrainConfig
-from kandinsky5.train.distributed import DistContext, gather_rng
+from kandinsky5.train.distributed import DistContext, Engine, gather_rng
 from kandinsky5.train.optim import optimizer_name
 from kandinsky5.train.sampler import TrainingSampler
 from kandinsky5.train.state import (
@@ -59,6 +59,7 @@ class Run:
     last_checkpoint: Path | None = None
     sampler: TrainingSampler | None = None
     started_at: float = field(default_factory=time.time)
+    engine: Engine | None = None  # single process, DDP or FSDP (kandinsky5.train.distributed)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -84,8 +85,10 @@ def resume_run(run: Run, path: Path) -> None:
             f"--resume {path} was saved by {meta['world_size']} process(es); resume with the same --num_processes "
             "(the data order and RNG streams are per process)"
         )
-    run.network.load_state_dict(network_sd)
-    run.optimizer.load_state_dict(opt_sd)
+    if bool(meta.get("sharded", False)) != run.engine.sharded:
+        saved = "with --fsdp" if meta.get("sharded") else "without --fsdp"
+        raise UserError(f"--resume {path} was saved {saved}; resume {saved} (the optimizer state layout differs)")
+    run.engine.load_state(run.optimizer, network_sd, opt_sd)
     run.scheduler.load_state_dict(sched_sd)
     _recompute_lr(run.scheduler)
     restore_rng(rng[run.ctx.rank], run.generator)
@@ -121,16 +124,21 @@ def lora_metadata(run: Run) -> dict[str, object]:
 
 
 def save_checkpoint(run: Run, stem: str, state: bool) -> None:
-    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather."""
-    cfg = run.cfg
+    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather and,
+    under --fsdp, in gathering the LoRA and writing the sharded optimizer state."""
+    cfg, engine = run.cfg, run.engine
     rng = gather_rng(run.ctx, run.generator) if state else []
+    network_sd = engine.network_state()
+    staging = cfg.save.output_dir / f".{stem}-state.optimizer-tmp"
+    optimizer_files = engine.optimizer_files(run.optimizer, staging) if state else {}
     if run.ctx.is_main:
         path = cfg.save.output_dir / f"{stem}.safetensors"
-        run.module.save_lora(path, run.network, lora_metadata(run), format=cfg.save.format)
+        run.module.save_lora(path, engine.saveable_network(network_sd), lora_metadata(run), format=cfg.save.format)
         run.last_checkpoint = path
         if state:
-            info = {"seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": path.name}
-            writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, info)
+            info = {"seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": path.name,
+                    "sharded": engine.sharded}  # fmt: skip
+            writers = state_writers(network_sd, optimizer_files, run.scheduler, run.progress, rng, info)
             run.last_checkpoint = write_state_dir(cfg.save.output_dir / f"{stem}-state", writers)
         log.info("saved %s%s", path, " (+ state)" if state else "")
     run.ctx.barrier()

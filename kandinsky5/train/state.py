@@ -4,8 +4,9 @@ directories and the rotation of numbered checkpoints.
 A state *directory* is created under a temporary name and renamed when complete
 (:func:`write_state_dir`), so a crash never leaves a half-written state.  It holds::
 
-    network.safetensors   LoRA parameters + alpha buffers (the network module's own state_dict)
-    optimizer.pt          optimizer.state_dict()
+    network.safetensors   LoRA parameters + alpha buffers (the network module's own state_dict, whole)
+    optimizer.pt          optimizer.state_dict() -- or, under --fsdp, optimizer/: the sharded optimizer state as a
+                          torch.distributed.checkpoint directory (one file per rank + .metadata)
     scheduler.pt          LR scheduler state_dict()
     rng.pt                per rank: python / numpy / torch CPU / CUDA RNG states + the noise generator's state
     progress.json         format, step, epoch, batches done in the epoch, seed, world size, task, LoRA file name
@@ -96,34 +97,38 @@ def write_state_dir(path: Path, writers: Mapping[str, Callable[[Path], None]]) -
 
 
 def state_writers(
-    network: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    network_sd: Mapping[str, torch.Tensor],
+    optimizer_files: Mapping[str, Callable[[Path], None]],
     scheduler,
     progress: Progress,
     rng: list[dict],
     info: Mapping[str, Any],
 ) -> dict[str, Callable[[Path], None]]:
-    """What a state directory holds (see ``read_state_dir``)."""
+    """What a state directory holds (see ``read_state_dir``); ``optimizer_files`` come from the training engine."""
     from safetensors.torch import save_file
 
-    lora = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    lora = {k: v.detach().cpu().contiguous() for k, v in network_sd.items()}
     meta = {"format": STATE_FORMAT, **progress.to_json(), **info}
     return {
         "network.safetensors": lambda p: save_file(lora, str(p)),
-        "optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p),
+        **optimizer_files,
         "scheduler.pt": lambda p: torch.save(scheduler.state_dict(), p),
         "rng.pt": lambda p: torch.save(rng, p),
         "progress.json": lambda p: p.write_text(json.dumps(meta, indent=1)),
     }
 
 
-def read_state_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict, list[dict]]:
-    """(progress json, network state dict, optimizer state, scheduler state, per-rank RNG states)."""
+def read_state_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict | Path, dict, list[dict]]:
+    """(progress json, network state dict, optimizer state -- or the path of a sharded one, scheduler state,
+    per-rank RNG states)."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    needed = ("progress.json", "network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
+    needed = ("progress.json", "network.safetensors", "scheduler.pt", "rng.pt")
     missing = [n for n in needed if not (path / n).is_file()]
+    sharded = (path / "optimizer" / ".metadata").is_file()
+    if not sharded and not (path / "optimizer.pt").is_file():
+        missing.append("optimizer.pt")
     if not path.is_dir() or missing:
         raise UserError(f"--resume {path}: not a training state directory (missing {', '.join(missing) or path})")
     meta = json.loads((path / "progress.json").read_text())
@@ -132,7 +137,7 @@ def read_state_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dic
     return (
         meta,
         load_file(str(path / "network.safetensors")),
-        torch.load(path / "optimizer.pt", weights_only=True),
+        path / "optimizer" if sharded else torch.load(path / "optimizer.pt", weights_only=True),
         torch.load(path / "scheduler.pt", weights_only=True),
         torch.load(path / "rng.pt", weights_only=False),  # python/numpy RNG tuples; our own file
     )
