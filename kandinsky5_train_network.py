@@ -48,7 +48,7 @@ from kandinsky5.train.distributed import (
     init_distributed,
 )
 from kandinsky5.train.objective import batch_to_device, flow_matching_loss
-from kandinsky5.train.run import Run, resume_run, save_and_rotate, save_checkpoint
+from kandinsky5.train.run import Run, check_resume, resume_run, save_and_rotate, save_checkpoint
 from kandinsky5.train.sampler import TrainingSampler, sample_requests
 from kandinsky5.train.step import NonFiniteLoss, StepStats, finish_step
 
@@ -343,6 +343,8 @@ def setup(cfg: TrainConfig, ctx: DistContext, requests: list):
     from kandinsky5.model.loading import file_fingerprint
     from kandinsky5.model.nabla import check_geometry
 
+    if cfg.resume is not None:  # the state must fit this run before the DiT loads
+        check_resume(cfg.resume, ctx.world_size, cfg.distributed.fsdp)
     seed = broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
     items = discover_items(load_dataset_config(cfg.dataset_config), cfg.task)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)

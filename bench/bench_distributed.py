@@ -11,8 +11,9 @@ per step.  Ranks are processes on this machine: gloo on CPU, NCCL on GPUs (one G
 1-rank rows run).  "1 rank" uses every CPU thread; "2 ranks" split them (one process per half).
 
 Columns: the median step time; global samples per second; per rank, the base weights it holds (tensor storage of
-the frozen DiT: its shards under FSDP), its LoRA + gradient + AdamW state bytes, and the peak resident memory (CPU:
-the process's peak RSS, which includes torch itself; CUDA: ``max_memory_allocated``).
+the frozen DiT: its shards under FSDP), its LoRA + AdamW state bytes (gradients, one more LoRA-size copy, are freed
+by the step), and the peak resident memory (CPU: the process's peak RSS, which includes torch itself; CUDA:
+``max_memory_allocated``).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def _local_bytes(tensors) -> int:
 
 def _state_bytes(params, optimizer) -> int:
     states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
-    return _local_bytes(params) + _local_bytes(p.grad for p in params if p.grad is not None) + _local_bytes(states)
+    return _local_bytes(params) + _local_bytes(states)
 
 
 def _make_network(cfg):
@@ -189,7 +190,7 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if gpus else f"cpu, {threads} threads"
     print(f"DiT D={args.model_dim} F={4 * args.model_dim} blocks 2+4, 1280 visual + 64 text tokens, LoRA rank "
           f"{args.rank}, fp32, 1 sample per rank per step, {device}, {datetime.date.today()}\n")  # fmt: skip
-    print("| ranks | engine | step (s) | samples/s | base weights / rank (MB) | LoRA + grad + AdamW / rank (MB) "
+    print("| ranks | engine | step (s) | samples/s | base weights / rank (MB) | LoRA + AdamW state / rank (MB) "
           "| peak memory / rank (MB)* |")  # fmt: skip
     print("|---:|---|---:|---:|---:|---:|---:|")
     for world, fsdp in ROWS:

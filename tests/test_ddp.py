@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -139,16 +138,14 @@ def test_fsdp_lora_loads_in_the_one_process_generator(fsdp_run, tiny_bundle, tmp
     assert rc == 0 and (tmp_path / "v.mp4").is_file()
 
 
-def test_resume_refuses_another_world_size_or_engine(fsdp_run):
+def test_resume_refuses_another_world_size_or_engine_before_loading(fsdp_run):
     from kandinsky5.common import UserError
-    from kandinsky5.train.distributed import DistContext, Engine
-    from kandinsky5.train.run import resume_run
+    from kandinsky5.train.run import check_resume
 
     _, out, _ = fsdp_run
     state = out / "lora-step00000002-state"
-    one = SimpleNamespace(ctx=DistContext(0, 1), engine=Engine(DistContext(0, 1), None, None, None))
+    assert check_resume(state, 2, sharded=True)["step"] == 2
     with pytest.raises(UserError, match=r"saved by 2 process\(es\); resume with the same --num_processes"):
-        resume_run(one, state)
-    ddp = SimpleNamespace(ctx=DistContext(0, 2), engine=Engine(DistContext(0, 2), None, None, None))
+        check_resume(state, 1, sharded=True)
     with pytest.raises(UserError, match="was saved with --fsdp; resume with --fsdp"):
-        resume_run(ddp, state)
+        check_resume(state, 2, sharded=False)

@@ -8,8 +8,10 @@
   against 2 x 2 samples); measured |dW| <= 8e-7 after 3 steps for weights up to 1e-3 that moved by up to 1e-3 per
   step: asserted |dW| <= 2e-6.  A mis-averaged gradient (a sum, or one rank's) is off by the whole update.
 * under --fsdp the base weights each rank holds are at most 1/2 of the unsharded model plus one block;
-* --fsdp with fp8 base weights gives the same forward as one fp8 process;
-* --fsdp with ``module_dropout=0.5`` (each rank skips other branches) finishes with a finite, trained LoRA.
+* --fsdp with fp8 base weights (quantised while loading, or a pre-quantised file) gives the same forward as one
+  fp8 process;
+* --fsdp with ``module_dropout=0.5`` (each rank skips other branches) finishes with a finite, trained LoRA;
+* ``--output_dir`` not shared by the ranks (``--fsdp --save_state`` on several nodes) is a one-line error.
 
 The command-line runs (module_dropout, resume, the generator loading an FSDP LoRA, two "nodes") are in
 tests/test_ddp.py.
@@ -103,9 +105,9 @@ def _engines_worker(rank: int, port: int, bundle: Path, toml: Path, out: Path, r
     import torch.distributed as dist
 
     from kandinsky5 import cli
-    from kandinsky5.common import seed_everything
+    from kandinsky5.common import UserError, seed_everything
     from kandinsky5.train.distributed import DistContext
-    from kandinsky5.train.fsdp import BRANCHES, resident_bytes
+    from kandinsky5.train.fsdp import BRANCHES, check_shared_directory, resident_bytes
 
     torch.set_num_threads(1)
     script = load_module(ROOT / "kandinsky5_train_network.py", "_train_script_distributed")
@@ -124,16 +126,39 @@ def _engines_worker(rank: int, port: int, bundle: Path, toml: Path, out: Path, r
         blocks = [*ref.dit.text_transformer_blocks, *ref.dit.visual_transformer_blocks]
         fp8 = [_first_loss(script, cfg("--fp8_base", "--mixed_precision", "bf16", *flags), ctx) for flags, ctx in
                (((), one), (("--fsdp",), two))]  # fmt: skip
+        prequantized = [_first_loss(script, cfg("--dit", str(out / "fp8.safetensors"), *flags), ctx) for flags, ctx in
+                        (((), one), (("--fsdp",), two))]  # fmt: skip
         seed_everything(7 + rank)  # module_dropout skips different branches on each rank
         _, dropout_sd, _ = _train(script, cfg("--fsdp", "--network_args", "module_dropout=0.5"), two, [[rank]])
+        check_shared_directory(two, out / "shared")  # the same directory for both ranks: fine
+        try:
+            check_shared_directory(two, out / f"node{rank}")  # as if each node had its own disk
+            unshared = ""
+        except UserError as exc:
+            unshared = str(exc)
         result[rank] = {
             "ref": ref_sd, "ddp": ddp_sd, "fsdp": fsdp_sd, "norms": (ref_norms, ddp_norms, fsdp_norms),
             "kinds": (type(ref).__name__, fsdp.kind), "full": resident_bytes(ref.dit),
             "block": max(resident_bytes(b) for b in blocks), "sharded": resident_bytes(fsdp.dit, skip=BRANCHES),
-            "fp8": fp8, "dropout": dropout_sd,
+            "fp8": fp8, "prequantized": prequantized, "dropout": dropout_sd, "unshared": unshared,
         }  # fmt: skip
     finally:
         dist.destroy_process_group()
+
+
+def _prequantized_checkpoint(bundle: Path, path: Path) -> None:
+    """The tiny DiT as a pre-quantised fp8 file with one scale per tensor (shape (1,): rank 1 holds none of it)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kandinsky5.configs import get_task
+    from kandinsky5.memory import fp8
+    from kandinsky5.model.loading import load_dit
+
+    dit = load_dit(get_task("k5-tiny-t2v"), bundle / "model" / "k5_tiny_t2v.safetensors", dtype=torch.bfloat16)
+    fp8.convert_to_fp8(dit, block=None)
+    path.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(path))
 
 
 def test_ddp_and_fsdp_on_two_ranks_equal_one_process_with_the_same_global_batch(tiny_bundle, tmp_path):
@@ -141,6 +166,7 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_with_the_same_global_batch(
     import torch.multiprocessing as mp
 
     toml = write_toy_cache(tmp_path / "data", n_items=4, batch_size=1)
+    _prequantized_checkpoint(tiny_bundle, tmp_path / "out" / "fp8.safetensors")
     result = mp.Manager().dict()
     mp.spawn(_engines_worker, args=(_free_port(), tiny_bundle, toml, tmp_path / "out", result), nprocs=2, join=True)
     main = result[0]
@@ -157,9 +183,12 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_with_the_same_global_batch(
             torch.testing.assert_close(main[engine][key], value, rtol=0, atol=2e-6, msg=f"{engine} {key}")
     # fp8 base weights under --fsdp (row slices quantised while loading, gathered as bytes): the same forward
     assert main["fp8"][1] == pytest.approx(main["fp8"][0], rel=1e-6) and result[1]["fp8"][1] == main["fp8"][1]
+    assert main["prequantized"][1] == pytest.approx(main["prequantized"][0], rel=1e-6)  # a musubi-style fp8 file
     # module_dropout under --fsdp: ranks skip different branches; the run ends and its LoRA is finite and trained
     assert set(main["dropout"]) == set(ref) and all(torch.isfinite(v).all() for v in main["dropout"].values())
     assert any(float(v.abs().max()) > 0 for k, v in main["dropout"].items() if "lora_up" in k)
+    # --fsdp --save_state on nodes that do not share --output_dir: one line on every rank, before training
+    assert all("is not shared by all ranks" in result[r]["unshared"] for r in (0, 1)), result[0]["unshared"]
     # per-rank resident base weights under --fsdp: at most half of the whole model plus one block
     for rank in (0, 1):
         r = result[rank]

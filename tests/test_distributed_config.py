@@ -37,6 +37,7 @@ def _cfg(script, tmp_path, *extra):
         (["--ddp_timeout", "0"], {}, "--ddp_timeout must be > 0"),
         (["--blocks_to_swap", "1"], {"ACCELERATE_USE_FSDP": "true"}, "cannot be combined with --fsdp"),
         ([], {"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params is not supported"),
+        (["--fsdp", "--optimizer_type", "Adafactor"], {}, "cannot step the sharded parameters of --fsdp"),
     ],
 )
 def test_impossible_combinations_fail_in_one_line_before_any_model_loads(

@@ -55,6 +55,9 @@ log = get_logger(__name__)
 _SAMPLE_MINUTES = {"pro": 20.0, "lite": 4.0}
 _REFERENCE_TOKENS = 47_616
 _BASE_TIMEOUT = 60.0
+# torch.optim classes that step DTensor shards (checked on FSDP2); Adafactor, Rprop and the bitsandbytes / transformers
+# optimizers do not
+FSDP_OPTIMIZERS = ("AdamW", "Adam", "SGD", "RAdam", "NAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop")
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,14 @@ def distributed_config_from_args(args: argparse.Namespace, network_args: dict[st
 
 
 def _check_fsdp_args(args: argparse.Namespace) -> None:
+    from kandinsky5.train.optim import optimizer_class
+
+    cls, _ = optimizer_class(args.optimizer_type)
+    if not (cls.__module__.startswith("torch.optim") and cls.__name__ in FSDP_OPTIMIZERS):
+        raise UserError(
+            f"--optimizer_type {args.optimizer_type} ({cls.__module__}.{cls.__name__}) cannot step the sharded "
+            f"parameters of --fsdp; use one of {', '.join(FSDP_OPTIMIZERS)} (torch.optim), or drop --fsdp"
+        )
     for flag in ("ddp_gradient_as_bucket_view", "ddp_static_graph"):
         if vars(args)[flag]:
             raise UserError(f"--{flag} is a DDP setting; --fsdp shards the gradients itself, so drop --{flag}")

@@ -50,7 +50,7 @@ from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.memory import fp8
 from kandinsky5.memory_plan import block_names, sharded_plan, storage_dtype, stored_dtypes
 from kandinsky5.model.loading import check_checkpoint_fits, checkpoint_files, iter_row_slices, load_dtype
-from kandinsky5.train.distributed import DistContext, Engine, skips_branches
+from kandinsky5.train.distributed import DistContext, Engine, broadcast_object, skips_branches
 
 if TYPE_CHECKING:
     from kandinsky5.train.config import TrainConfig
@@ -179,21 +179,22 @@ def _load_shards(dit: nn.Module, files: list[Path], quantize: set[str], dtype: t
 
 def check_shared_directory(ctx: DistContext, directory: Path) -> None:
     """With several ranks, every rank must see the files the others write in ``directory`` (the sharded optimizer
-    state is written by every rank): each writes a probe, rank 0 checks them all."""
+    state is written by every rank): each writes a probe named with a token of this run, rank 0 checks them all."""
     if not ctx.distributed:
         return
+    import secrets
+
     import torch.distributed as dist
 
+    token = broadcast_object(ctx, secrets.token_hex(8))
     directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / f".k5-shared-probe-{ctx.rank}"
+    probe = directory / f".k5-shared-probe-{token}-{ctx.rank}"
     probe.write_text("")
     dist.barrier()
-    seen = all((directory / f".k5-shared-probe-{r}").exists() for r in range(ctx.world_size))
-    ok = [seen]
-    dist.broadcast_object_list(ok, src=0)
-    dist.barrier()
+    seen = all((directory / f".k5-shared-probe-{token}-{r}").exists() for r in range(ctx.world_size))
+    shared = broadcast_object(ctx, seen)  # rank 0's view decides
     probe.unlink(missing_ok=True)
-    if not ok[0]:
+    if not shared:
         raise UserError(
             f"--save_state with --fsdp: --output_dir {directory} is not shared by all ranks (every rank writes its "
             "optimizer shard there); put it on a filesystem every node mounts"

@@ -25,6 +25,7 @@ from kandinsky5.train.optim import optimizer_name
 from kandinsky5.train.sampler import TrainingSampler
 from kandinsky5.train.state import (
     Progress,
+    read_progress,
     read_state_dir,
     restore_rng,
     rotate,
@@ -77,17 +78,25 @@ def _recompute_lr(scheduler) -> None:
     scheduler._last_lr = lrs
 
 
-def resume_run(run: Run, path: Path) -> None:
-    """Restore LoRA, optimizer, schedule, progress and this rank's RNG from a state directory."""
-    meta, network_sd, opt_sd, sched_sd, rng = read_state_dir(path)
-    if meta["world_size"] != run.ctx.world_size:
+def check_resume(path: Path, world_size: int, sharded: bool) -> dict:
+    """The progress of state directory ``path`` if this run can continue it (same number of processes, same
+    --fsdp mode); one-line ``UserError`` otherwise.  Reads no tensors: called before the DiT loads."""
+    meta = read_progress(path)
+    if meta["world_size"] != world_size:
         raise UserError(
             f"--resume {path} was saved by {meta['world_size']} process(es); resume with the same --num_processes "
             "(the data order and RNG streams are per process)"
         )
-    if bool(meta.get("sharded", False)) != run.engine.sharded:
-        saved = "with --fsdp" if meta.get("sharded") else "without --fsdp"
+    if meta["sharded"] != sharded:
+        saved = "with --fsdp" if meta["sharded"] else "without --fsdp"
         raise UserError(f"--resume {path} was saved {saved}; resume {saved} (the optimizer state layout differs)")
+    return meta
+
+
+def resume_run(run: Run, path: Path) -> None:
+    """Restore LoRA, optimizer, schedule, progress and this rank's RNG from a state directory."""
+    check_resume(path, run.ctx.world_size, run.engine.sharded)
+    meta, network_sd, opt_sd, sched_sd, rng = read_state_dir(path)
     run.engine.load_state(run.optimizer, network_sd, opt_sd)
     run.scheduler.load_state_dict(sched_sd)
     _recompute_lr(run.scheduler)

@@ -118,11 +118,9 @@ def state_writers(
     }
 
 
-def read_state_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict | Path, dict, list[dict]]:
-    """(progress json, network state dict, optimizer state -- or the path of a sharded one, scheduler state,
-    per-rank RNG states)."""
-    from safetensors.torch import load_file
-
+def read_progress(path: Path) -> dict:
+    """``progress.json`` of the state directory ``path``, after checking that the directory is complete (reads no
+    tensors; ``sharded`` is set when the optimizer state is a DCP directory)."""
     path = Path(path)
     needed = ("progress.json", "network.safetensors", "scheduler.pt", "rng.pt")
     missing = [n for n in needed if not (path / n).is_file()]
@@ -134,10 +132,20 @@ def read_state_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict | Pa
     meta = json.loads((path / "progress.json").read_text())
     if meta.get("format") != STATE_FORMAT:
         raise UserError(f"--resume {path}: state format {meta.get('format')} is not {STATE_FORMAT}")
+    return {**meta, "sharded": sharded}
+
+
+def read_state_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict | Path, dict, list[dict]]:
+    """(progress json, network state dict, optimizer state -- or the path of a sharded one, scheduler state,
+    per-rank RNG states)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_progress(path)
     return (
         meta,
         load_file(str(path / "network.safetensors")),
-        path / "optimizer" if sharded else torch.load(path / "optimizer.pt", weights_only=True),
+        path / "optimizer" if meta["sharded"] else torch.load(path / "optimizer.pt", weights_only=True),
         torch.load(path / "scheduler.pt", weights_only=True),
         torch.load(path / "rng.pt", weights_only=False),  # python/numpy RNG tuples; our own file
     )
