@@ -34,7 +34,7 @@ import torch
 from kandinsky5 import cli
 from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.model import flow
-from kandinsky5.train import optim
+from kandinsky5.train import optim, startup
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
 from kandinsky5.train.distributed import (
     DistContext,
@@ -48,7 +48,7 @@ from kandinsky5.train.distributed import (
     init_distributed,
 )
 from kandinsky5.train.objective import batch_to_device, flow_matching_loss
-from kandinsky5.train.run import Run, check_resume, resume_run, save_and_rotate, save_checkpoint
+from kandinsky5.train.run import Run, resume_run, save_and_rotate, save_checkpoint
 from kandinsky5.train.sampler import TrainingSampler, sample_requests
 from kandinsky5.train.step import NonFiniteLoss, StepStats, finish_step
 
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_timestep_args(p)
     _add_save_args(p)
     add_distributed_args(p)
+    startup.add_safety_args(p)
+    cli.add_debug_arg(p)
     return p
 
 
@@ -289,6 +291,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         resume=Path(args.resume) if args.resume else None,
         logging_dir=Path(args.logging_dir) if args.logging_dir else None,
         distributed=distributed_config_from_args(args, optim.parse_kv_args(args.network_args, "--network_args")),
+        overwrite=args.overwrite,
+        allow_stale_cache=args.allow_stale_cache,
     )
 
 
@@ -340,16 +344,19 @@ def setup(cfg: TrainConfig, ctx: DistContext, requests: list):
 
     from dataset.config import load_dataset_config
     from dataset.latent_dataset import BucketBatchSampler, LatentDataset, collate, discover_items
+    from dataset.staleness import check_stale
     from kandinsky5.model.loading import file_fingerprint
     from kandinsky5.model.nabla import check_geometry
+    from kandinsky5.model.vae import vae_file_identity
 
-    if cfg.resume is not None:  # the state must fit this run before the DiT loads
-        check_resume(cfg.resume, ctx.world_size, cfg.distributed.fsdp)
     seed = broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
-    items = discover_items(load_dataset_config(cfg.dataset_config), cfg.task)
+    dataset_cfg = load_dataset_config(cfg.dataset_config)
+    items = discover_items(dataset_cfg, cfg.task)
+    check_stale(dataset_cfg, items, cfg.sample.vae and vae_file_identity(cfg.sample.vae), cfg.allow_stale_cache)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)
     per_epoch = math.ceil(sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
     total = cfg.total_steps(per_epoch)
+    startup.check_run(cfg, ctx, total, per_epoch)  # earlier run, --resume, checkpoints, disk space: before loading
     _log_setup(cfg, ctx, items, total, per_epoch)
     if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
         for _, h, w in sorted({i.shape for i in items}):

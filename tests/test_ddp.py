@@ -138,14 +138,19 @@ def test_fsdp_lora_loads_in_the_one_process_generator(fsdp_run, tiny_bundle, tmp
     assert rc == 0 and (tmp_path / "v.mp4").is_file()
 
 
-def test_resume_refuses_another_world_size_or_engine_before_loading(fsdp_run):
+def test_resume_refuses_another_world_size_or_engine_before_loading(fsdp_run, tmp_path):
+    from kandinsky5 import cli
     from kandinsky5.common import UserError
-    from kandinsky5.train.run import check_resume
+    from kandinsky5.train.startup import check_resume
+    from tests.helpers import load_module
 
-    _, out, _ = fsdp_run
-    state = out / "lora-step00000002-state"
-    assert check_resume(state, 2, sharded=True)["step"] == 2
-    with pytest.raises(UserError, match=r"saved by 2 process\(es\); resume with the same --num_processes"):
-        check_resume(state, 1, sharded=True)
+    _, out, args = fsdp_run
+    script = load_module(ROOT / "kandinsky5_train_network.py", "_train_script_resume_checks")
+    state = ["--resume", str(out / "lora-step00000002-state")]
+    fsdp = script.config_from_args(cli.parse_args(script.build_parser(), [*args, *state]))
+    plain = script.config_from_args(cli.parse_args(script.build_parser(), [a for a in args if a != "--fsdp"] + state))
+    check_resume(fsdp, 2, None)
+    with pytest.raises(UserError, match=r"saved with --num_processes 2, this run asks for 1"):
+        check_resume(fsdp, 1, None)
     with pytest.raises(UserError, match="was saved with --fsdp; resume with --fsdp"):
-        check_resume(state, 2, sharded=False)
+        check_resume(plain, 2, None)

@@ -318,7 +318,9 @@ class Engine:
     def optimizer_files(self, optimizer: torch.optim.Optimizer, stem: str) -> dict[str, Callable]:
         """``{file name: writer(path)}`` of the optimizer state inside a state directory (rank 0 writes them);
         collective under FSDP."""
-        return {"optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p)}
+        from kandinsky5.files import save_torch
+
+        return {"optimizer.pt": lambda p: save_torch(optimizer.state_dict(), p)}
 
     def load_state(self, optimizer: torch.optim.Optimizer, network_sd: dict, optimizer_src) -> None:
         """Restore what :meth:`network_state` and :meth:`optimizer_files` saved."""

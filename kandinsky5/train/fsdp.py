@@ -289,13 +289,22 @@ class FSDPEngine(Engine):
 
     def optimizer_files(self, optimizer: torch.optim.Optimizer, staging: Path) -> dict[str, Callable]:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        from kandinsky5.files import WriteError, write_reason
 
         state = get_optimizer_state_dict(self.network, optimizer)
         if self.ctx.is_main:
             shutil.rmtree(staging, ignore_errors=True)
         self.ctx.barrier()
-        dcp.save({"optimizer": state}, checkpoint_id=staging)
+        try:  # a failure on any rank is raised on every rank by DCP
+            dcp.save({"optimizer": state}, checkpoint_id=staging)
+        except (OSError, CheckpointException) as exc:
+            if self.ctx.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            reason = write_reason(exc, staging.parent) if isinstance(exc, OSError) else str(exc).splitlines()[0]
+            raise WriteError(f"cannot write the sharded optimizer state {staging}: {reason}", reason) from None
         self.ctx.barrier()
         return {"optimizer": lambda p: os.replace(staging, p)}
 

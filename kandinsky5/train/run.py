@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from kandinsky5.common import UserError, get_logger
+from kandinsky5.files import WriteError, guarded_write
 from kandinsky5.train.config import TrainConfig
-from kandinsky5.train.distributed import DistContext, Engine, gather_rng
-from kandinsky5.train.optim import optimizer_name
+from kandinsky5.train.distributed import DistContext, Engine, broadcast_object, gather_rng
+from kandinsky5.train.optim import optimizer_class_name, optimizer_name
 from kandinsky5.train.sampler import TrainingSampler
 from kandinsky5.train.state import (
     Progress,
-    read_progress,
     read_state_dir,
     restore_rng,
     rotate,
@@ -78,25 +78,14 @@ def _recompute_lr(scheduler) -> None:
     scheduler._last_lr = lrs
 
 
-def check_resume(path: Path, world_size: int, sharded: bool) -> dict:
-    """The progress of state directory ``path`` if this run can continue it (same number of processes, same
-    --fsdp mode); one-line ``UserError`` otherwise.  Reads no tensors: called before the DiT loads."""
-    meta = read_progress(path)
-    if meta["world_size"] != world_size:
+def resume_run(run: Run, path: Path) -> None:
+    """Restore LoRA, optimizer, schedule, progress and this rank's RNG from a state directory."""
+    meta, network_sd, opt_sd, sched_sd, rng = read_state_dir(path)
+    if meta["world_size"] != run.ctx.world_size:
         raise UserError(
             f"--resume {path} was saved by {meta['world_size']} process(es); resume with the same --num_processes "
             "(the data order and RNG streams are per process)"
         )
-    if meta["sharded"] != sharded:
-        saved = "with --fsdp" if meta["sharded"] else "without --fsdp"
-        raise UserError(f"--resume {path} was saved {saved}; resume {saved} (the optimizer state layout differs)")
-    return meta
-
-
-def resume_run(run: Run, path: Path) -> None:
-    """Restore LoRA, optimizer, schedule, progress and this rank's RNG from a state directory."""
-    check_resume(path, run.ctx.world_size, run.engine.sharded)
-    meta, network_sd, opt_sd, sched_sd, rng = read_state_dir(path)
     run.engine.load_state(run.optimizer, network_sd, opt_sd)
     run.scheduler.load_state_dict(sched_sd)
     _recompute_lr(run.scheduler)
@@ -104,6 +93,17 @@ def resume_run(run: Run, path: Path) -> None:
     run.seed, run.last_checkpoint = meta["seed"], path
     run.progress = Progress(meta["step"], meta["epoch"], meta["batches_in_epoch"])
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, *asdict(run.progress).values())
+
+
+def state_info(run: Run, lora: Path) -> dict[str, object]:
+    """What ``progress.json`` records besides the progress: enough to check a ``--resume`` before loading."""
+    cfg, n = run.cfg, run.cfg.network
+    return {
+        "seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": lora.name,
+        "optimizer": optimizer_name(cfg.optimizer), "optimizer_class": optimizer_class_name(cfg.optimizer),
+        "mixed_precision": cfg.mixed_precision, "network_module": n.module, "network_dim": n.dim,
+        "network_alpha": n.alpha, "network_args": {k: repr(v) for k, v in dict(n.args).items()},
+    }  # fmt: skip
 
 
 def lora_metadata(run: Run) -> dict[str, object]:
@@ -134,23 +134,46 @@ def lora_metadata(run: Run) -> dict[str, object]:
 
 def save_checkpoint(run: Run, stem: str, state: bool) -> None:
     """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather and,
-    under --fsdp, in gathering the LoRA and writing the sharded optimizer state."""
+    under --fsdp, in gathering the LoRA and writing the sharded optimizer state.
+
+    The LoRA file and its state directory are written completely under temporary names before either is renamed,
+    so a failed save (disk full, ...) leaves both as they were, and they always come from the same step.  A failure
+    stops every rank with one line naming the last good checkpoint.
+    """
     cfg, engine = run.cfg, run.engine
     rng = gather_rng(run.ctx, run.generator) if state else []
-    network_sd = engine.network_state()
-    staging = cfg.save.output_dir / f".{stem}-state.optimizer-tmp"
-    optimizer_files = engine.optimizer_files(run.optimizer, staging) if state else {}
-    if run.ctx.is_main:
-        path = cfg.save.output_dir / f"{stem}.safetensors"
-        run.module.save_lora(path, engine.saveable_network(network_sd), lora_metadata(run), format=cfg.save.format)
-        run.last_checkpoint = path
-        if state:
-            info = {"seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": path.name,
-                    "sharded": engine.sharded}  # fmt: skip
-            writers = state_writers(network_sd, optimizer_files, run.scheduler, run.progress, rng, info)
-            run.last_checkpoint = write_state_dir(cfg.save.output_dir / f"{stem}-state", writers)
-        log.info("saved %s%s", path, " (+ state)" if state else "")
+    network_sd = engine.network_state()  # collective under --fsdp
+    error, optimizer_files = None, {}
+    try:
+        if state:  # collective under --fsdp: every rank writes its optimizer shard
+            staging = cfg.save.output_dir / f".{stem}-state.optimizer-tmp"
+            optimizer_files = engine.optimizer_files(run.optimizer, staging)
+        if run.ctx.is_main:
+            path = cfg.save.output_dir / f"{stem}.safetensors"
+            _write_checkpoint(run, path, state, rng, network_sd, optimizer_files)
+    except WriteError as exc:
+        what = f"{stem}.safetensors" + (f" and {stem}-state" if state else "")
+        error = (
+            f"cannot save {what} in {cfg.save.output_dir}: {exc.reason}; nothing was replaced, last good "
+            f"checkpoint: {run.last_checkpoint or 'none written yet'} (free space, then --resume a state)"
+        )
+    error = broadcast_object(run.ctx, error) if run.ctx.distributed else error
+    if error is not None:
+        raise UserError(error)
     run.ctx.barrier()
+
+
+def _write_checkpoint(run: Run, path: Path, state: bool, rng: list[dict], network_sd: dict, optimizer_files) -> None:
+    cfg = run.cfg
+    with guarded_write(path, "LoRA") as tmp:  # renamed only after the state directory is complete
+        network = run.engine.saveable_network(network_sd)
+        run.module.save_lora(tmp, network, lora_metadata(run), format=cfg.save.format)
+        if state:
+            info = {**state_info(run, path), "sharded": run.engine.sharded}
+            writers = state_writers(network_sd, optimizer_files, run.scheduler, run.progress, rng, info)
+            state_dir = write_state_dir(path.with_name(f"{path.stem}-state"), writers)
+    run.last_checkpoint = state_dir if state else path
+    log.info("saved %s%s", path, " (+ state)" if state else "")
 
 
 def save_and_rotate(run: Run, kind: str, number: int) -> None:
