@@ -604,7 +604,6 @@ def _run_checks(s: Settings, names: set[str] | None) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     s = _settings(args)
-    logging.getLogger("kandinsky5").setLevel(logging.WARNING)  # build_dit's plan printout, once per model
     names = set(args.only.split(",")) if args.only else None
     unknown = (names or set()) - {c.name for c in CHECKS}
     if unknown:
@@ -612,10 +611,13 @@ def main(argv: list[str] | None = None) -> int:
     start, threads = time.perf_counter(), torch.get_num_threads()
     if s.dry_run:
         torch.set_num_threads(1)  # tiny tensors: one thread is faster, and a shared CI machine is not oversubscribed
+    quiet, level = logging.getLogger("kandinsky5"), logging.getLogger("kandinsky5").level
+    quiet.setLevel(logging.WARNING)  # build_dit's plan printout, once per model
     try:
         rows = _run_checks(s, names)
     finally:
         torch.set_num_threads(threads)
+        quiet.setLevel(level)
     header = _header(s)
     table = render(header, rows)
     print(table)
