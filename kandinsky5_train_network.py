@@ -33,6 +33,7 @@ import torch
 from kandinsky5 import cli
 from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.model import flow
+from kandinsky5.sampling.magcache import magcache_from_args
 from kandinsky5.train import optim
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
 from kandinsky5.train.distributed import (
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_attention_args(p)
     cli.add_memory_args(p, training=True)
     _add_run_args(p)
+    cli.add_magcache_args(p, calibrate=False)
     _add_optimizer_args(p)
     _add_network_args(p)
     _add_timestep_args(p)
@@ -213,6 +215,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UserError("--log_with tensorboard needs --logging_dir")
     if args.sample_prompts and not (args.text_encoder_qwen and args.text_encoder_clip and args.vae):
         raise UserError("--sample_prompts needs --text_encoder_qwen, --text_encoder_clip and --vae")
+    if (args.magcache or args.magcache_ratios) and not args.sample_prompts:
+        raise UserError("--magcache speeds up sampling during training: it needs --sample_prompts")
     try:
         timesteps = flow.TimestepConfig(
             mode=args.timestep_sampling, shift=args.discrete_flow_shift, sigmoid_scale=args.sigmoid_scale,
@@ -277,6 +281,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             text_encoder_qwen=args.text_encoder_qwen,
             text_encoder_clip=args.text_encoder_clip,
             vae=args.vae,
+            magcache=magcache_from_args(args, task),
         ),  # fmt: skip
         num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         persistent_workers=args.persistent_data_loader_workers,

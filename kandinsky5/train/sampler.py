@@ -61,6 +61,7 @@ class TrainingSampler:
             vae_path=s.vae,
             device=device,
             dtype=cfg.weight_dtype,
+            magcache=s.magcache,
         )
         self.prepared: list[pipeline.PreparedRequest] = []
 
