@@ -505,3 +505,23 @@ def test_trainer_flags_and_errors(tiny_bundle, tmp_path, capsys):
                            (["--magcache"], "it needs --sample_prompts")]:  # fmt: skip
         assert run_main(script["main"], [*base, *extra]) == 1
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sampling_during_training_uses_magcache(tiny_bundle, tmp_path, caplog):
+    from tests.test_train_cli import base_args, train
+    from tests.test_training import write_toy_cache
+
+    toy = write_toy_cache(tmp_path / "toy", n_items=2)
+    prompts = _write(tmp_path / "prompts.txt", "A red square slides. --w 64 --h 64 --f 5 --s 8 --g 3 --d 7\n")
+    ratios = _write(tmp_path / "r.json", _ratio_doc(steps=8, mag_ratios=[1.0] * 14))
+    sampling = [
+        "--sample_prompts", str(prompts), "--sample_at_first", "--magcache_ratios", str(ratios),
+        "--text_encoder_qwen", str(tiny_bundle / "text_encoder"), "--text_encoder_clip",
+        str(tiny_bundle / "text_encoder2"), "--vae", str(tiny_bundle / "vae"),
+    ]  # fmt: skip
+    with caplog.at_level("INFO"):
+        assert train(base_args(tiny_bundle, toy, tmp_path / "out", steps=1) + sampling) == 0
+    # all ratios 1: after the first int(16 * 0.2) = 3 calls each stream skips twice, runs once (K = 2)
+    assert "skipped the visual blocks of 9 of 16 DiT calls (cond 4/8, uncond 5/8)" in caplog.text
+    assert (tmp_path / "out" / "sample" / "lora_000000_00_7.mp4").exists()

@@ -28,8 +28,10 @@ diffusers and musubi do even in fp32 models).
 Text of different lengths batches exactly: padded keys are masked in text self-attention and in every
 cross-attention, and real tokens keep positions 0..L_i-1, so each sample gets the output it would get alone.
 
-This file knows nothing about fp8, block swap, checkpointing or flags: those attach from outside through the plain
-``text_transformer_blocks`` / ``visual_transformer_blocks`` ModuleLists.
+This file knows nothing about fp8, block swap, checkpointing, step caching or flags: those attach from outside
+through the plain ``text_transformer_blocks`` / ``visual_transformer_blocks`` ModuleLists, and step caching
+(MagCache, ``kandinsky5/sampling/magcache.py``) through ``forward(..., visual_blocks=fn)``, which replaces
+``run_visual_blocks`` (the loop over the visual blocks, on tokens (B, S, D)) for one call.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ Streams stay separate whether CFG is one batched call (rows ``[cond B | uncond B
 the rows of the streams that run go through the blocks.  Without CFG only stream 0 is used (official ``no_cfg``).
 
 Calibration (:class:`Calibrator`) runs every call and records, per stream and step k >= 1, the mean over tokens of
-``|r_k| / |r_{k-1}|`` (L2 over channels), the quantity of the official ratios (their ``calibration_forward.py``
-overwrites the previous residual before dividing; we divide by the previous step's one, as MagCache defines it).
+``|r_k| / |r_{k-1}|`` (L2 over channels), the quantity of the official ratios (the ``calibration_forward.py``
+published in ai-forever/Kandinsky-5 overwrites the cached residual before dividing, so it prints 1; we divide by the
+previous step's residual, as MagCache defines it).
 
 Ratio layout everywhere (official yaml ``magcache.mag_ratios``, our JSON): ``mag_ratios[2 (k - 1) + s]`` for k = 1 ..
 N - 1, with 0 in the uncond places of a run without CFG.

@@ -26,6 +26,8 @@ Sampler (official ``generation_utils.generate``; ``architecture.md`` 4.2-4.5)
   ``normalize_first_frame`` renormalises latent frames 0-3 toward frames 4-8 (per-frame mean/std, reference
   statistics clamped).  Official code produces NaN when the video has 2-4 latent frames (empty reference);
   we skip the normalisation there.
+* MagCache (``magcache.py``, ``Kandinsky5Pipeline(magcache=...)``): per step the loop asks the run for the DiT
+  call's ``visual_blocks`` (cond stream 0, uncond stream 1), which runs or skips the visual blocks per stream.
 * First+last (our extension; official and diffusers have no such mode, musubi's ``--image_last`` is a no-op): the
   same replacement and mask for the last latent frame.  The last-frame image is encoded as a 1-frame video, like
   the first, so its latent is a "single frame" latent placed where the VAE expects a 4-frame group.
