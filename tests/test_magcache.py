@@ -4,7 +4,6 @@ batched CFG / I2V / fp8 / LoRA / block swap, calibration round trip, the officia
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from kandinsky5.cli import run_main
 from kandinsky5.configs import TASKS, TINY_DIT, get_task
@@ -301,23 +299,7 @@ def test_batched_partial_calls_equal_one_call_per_stream(dit):
 
 
 def test_composes_with_fp8_lora_and_block_swap(dit):
-    from kandinsky5.memory import build as memory
-    from kandinsky5.memory.fp8 import convert_to_fp8
-    from networks.lora import LoRANetwork
-    from networks.lora_kandinsky import DEFAULT_INCLUDE_PATTERNS
-
-    def prepared(swap: int) -> DiT:
-        model = copy.deepcopy(dit)
-        convert_to_fp8(model)
-        torch.manual_seed(5)
-        net = LoRANetwork(model, rank=4, default_include=DEFAULT_INCLUDE_PATTERNS)
-        for lora in net.lora_modules:
-            nn.init.normal_(lora.lora_up.weight, std=0.05)
-        net.apply_to(model)
-        model._keep_network = net
-        if swap:
-            memory.enable_block_swap(model, swap, "cpu", simulate=True)
-        return model
+    from tests.test_memory import _prepare  # fp8 layers, a runtime LoRA, simulated block swap (NaN when evicted)
 
     spec = SamplingSpec(64, 64, 9, 10, 5.0, 5.0, seed=7)
     config = _config(_ratios(10, 3), 10)
@@ -326,7 +308,8 @@ def test_composes_with_fp8_lora_and_block_swap(dit):
     with torch.no_grad():
         for swap in (0, 2):
             run = config.start(spec.steps, True)
-            outs[swap] = sample_latents(prepared(swap), cond, uncond, spec, progress=False, cache=run)
+            model, _net, _, _ = _prepare(dit, swap=swap, fp8=True)
+            outs[swap] = sample_latents(model, cond, uncond, spec, progress=False, cache=run)
             assert run.skipped > 0
     assert torch.isfinite(outs[2]).all() and torch.equal(outs[0], outs[2])  # NaN-poisoned evicted blocks unused
 
