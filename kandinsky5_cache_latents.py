@@ -37,7 +37,9 @@ from dataset.caching import (
     BucketBatcher,
     Failures,
     Throughput,
+    check_cache_dirs,
     latent_expect,
+    latent_item_bytes,
     needs_build,
     prefetch_map,
     progress_bar,
@@ -46,7 +48,7 @@ from dataset.caching import (
 from dataset.config import DatasetSpec, load_dataset_config
 from dataset.media import Clip, ClipPlan, MediaError, load_clips, nabla_resize, plan_clips
 from dataset.sources import Item, iter_items
-from kandinsky5.cli import add_config_file_arg, parse_args, run_main
+from kandinsky5.cli import add_config_file_arg, add_debug_arg, parse_args, run_main
 from kandinsky5.common import UserError, get_logger, parse_dtype, resolve_device
 from kandinsky5.model.vae import SCALING_FACTOR, VideoVAE
 
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: CPU count - 1, at most 8)",
     )
     add_config_file_arg(parser)
+    add_debug_arg(parser)
     return parser
 
 
@@ -305,6 +308,7 @@ def encode_batch(vae: VideoVAE, batch: list[Pending], s: Settings, failures: Fai
             "bucket_size": p.plan.bucket_size,
             "encoded_size": encoded_size,
             "frame_indices": p.plan.frame_indices,
+            "source_frames": p.plan.source_frames,
             "nabla_resize": s.nabla_resize,
             "vae": vae.identity,
             "vae_tiling": s.tile,
@@ -374,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = settings_from_args(parse_args(build_parser(), argv))
     config = load_dataset_config(s.dataset_config)
     datasets = [(spec, iter_items(spec)) for spec in config.datasets]  # config / caption errors before loading
+    check_cache_dirs(datasets, "latents", lambda spec: latent_item_bytes(spec, s.dtype.itemsize, s.nabla_resize))
     if s.device.type == "cpu" and s.num_workers:  # decode threads + all-core intra-op threads thrash (10x slower)
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - s.num_workers))
     vae = VideoVAE.load(str(s.vae), s.device, s.dtype)

@@ -34,7 +34,7 @@ from kandinsky5 import cli
 from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.model import flow
 from kandinsky5.sampling.magcache import magcache_from_args
-from kandinsky5.train import optim
+from kandinsky5.train import optim, startup
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
 from kandinsky5.train.distributed import (
     DistContext,
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network_args(p)
     _add_timestep_args(p)
     _add_save_args(p)
+    startup.add_safety_args(p)
+    cli.add_debug_arg(p)
     return p
 
 
@@ -287,6 +289,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         persistent_workers=args.persistent_data_loader_workers,
         resume=Path(args.resume) if args.resume else None,
         logging_dir=Path(args.logging_dir) if args.logging_dir else None,
+        overwrite=args.overwrite,
+        allow_stale_cache=args.allow_stale_cache,
     )
 
 
@@ -338,17 +342,22 @@ def setup(cfg: TrainConfig, ctx: DistContext):
 
     from dataset.config import load_dataset_config
     from dataset.latent_dataset import BucketBatchSampler, LatentDataset, collate, discover_items
+    from dataset.staleness import check_stale
     from kandinsky5.memory.build import build_dit
     from kandinsky5.model.loading import file_fingerprint
     from kandinsky5.model.nabla import check_geometry
+    from kandinsky5.model.vae import vae_file_identity
 
     # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
     requests = sample_requests(cfg.task, cfg.sample.prompts) if cfg.sample.enabled else []
     seed = broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
-    items = discover_items(load_dataset_config(cfg.dataset_config), cfg.task)
+    dataset_cfg = load_dataset_config(cfg.dataset_config)
+    items = discover_items(dataset_cfg, cfg.task)
+    check_stale(dataset_cfg, items, cfg.sample.vae and vae_file_identity(cfg.sample.vae), cfg.allow_stale_cache)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)
     per_epoch = math.ceil(sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
     total = cfg.total_steps(per_epoch)
+    startup.check_run(cfg, ctx, total, per_epoch)  # earlier run, --resume, checkpoints, disk space: before loading
     _log_setup(cfg, ctx, items, total, per_epoch)
     if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
         for _, h, w in sorted({i.shape for i in items}):

@@ -9,7 +9,8 @@ The four scripts build their parsers from these groups so that a flag means the 
 
 :func:`parse_args` reads an optional TOML file (``--config_file``) whose keys must be flag names (unknown keys are an
 error listing the close matches); the command line wins over the file.  :func:`run_main` turns a
-:class:`~kandinsky5.common.UserError` into one line on stderr and exit status 1.
+:class:`~kandinsky5.common.UserError` into one line on stderr and exit status 1; :func:`add_debug_arg` adds
+``--debug``, which prints the full traceback as well.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kandinsky5.common import UserError, get_logger
+from kandinsky5.common import DEBUG_FLAG, UserError, get_logger, run_cli
 from kandinsky5.configs import NablaConfig, TaskConfig, get_task, task_names
 from kandinsky5.model.attention import backend_from_flags, resolve_backend
 
@@ -31,6 +31,7 @@ __all__ = [
     "add_memory_args",
     "add_magcache_args",
     "add_config_file_arg",
+    "add_debug_arg",
     "parse_args",
     "task_from_args",
     "attention_spec_from_args",
@@ -238,10 +239,15 @@ def attention_spec_from_args(args: argparse.Namespace, task: TaskConfig):
     return AttentionSpec(backend=backend, nabla=nabla)
 
 
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        DEBUG_FLAG,
+        action="store_true",
+        help="on an error also print the full Python traceback (default: one 'error: ...' line)",
+    )
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call ``main(argv)``; a UserError becomes ``error: <message>`` on stderr and exit status 1."""
-    try:
-        return main(argv) or 0
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    """Call ``main(argv)``; a UserError becomes ``error: <message>`` on stderr and exit status 1 (``--debug``: with
+    the traceback).  See ``kandinsky5.common.run_cli``."""
+    return run_cli(main, argv)

@@ -33,11 +33,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from kandinsky5.common import atomic_path, parse_dtype
+from kandinsky5.common import UserError, parse_dtype, run_cli
+from kandinsky5.files import load_safetensors, save_safetensors
 from networks.lora import (
     FORMATS,
     LoRANetwork,
@@ -222,20 +221,20 @@ def save_lora(
         sd = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in sd.items()}
     meta = format_metadata(sd, format, {"ss_network_module": NETWORK_MODULE, **(metadata or {})})
     tensors = {k: v.detach().contiguous().cpu() for k, v in from_canonical(sd, format).items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(tensors, path, meta, what="LoRA")  # atomic; a failed write is one line, the old file kept
     return meta
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, header metadata) of a safetensors file, keys as stored."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+def read_safetensors(path: str | Path, what: str = "LoRA") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file, keys as stored: the one entry point for reading LoRA
+    files.  The header is validated first (``kandinsky5.files``): a missing, truncated or foreign file is one
+    ``UserError`` line naming ``what`` (the flag) and the file."""
+    return load_safetensors(path, what)
 
 
-def load_lora_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_lora_state_dict(path: str | Path, what: str = "LoRA") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a LoRA in any supported format -> (canonical state dict, metadata); ``k5_format`` = detected format."""
-    raw, metadata = read_safetensors(path)
+    raw, metadata = read_safetensors(path, what)
     sd, fmt = to_canonical(raw, K5_SEGMENTS, folded_alphas_from_metadata(metadata))
     metadata["k5_format"] = fmt
     return sd, metadata
@@ -250,7 +249,7 @@ _REGENERATED = ("k5_format", "k5_alpha_folded", "k5_alphas", "ss_network_dim", "
 
 def convert(src: str | Path, dst: str | Path, format: str, dtype: torch.dtype | None = None) -> dict[str, str]:
     """Rewrite a LoRA file in another key format, keeping its metadata."""
-    sd, metadata = load_lora_state_dict(src)
+    sd, metadata = load_lora_state_dict(src, "input")
     kept = {k: v for k, v in metadata.items() if k not in _REGENERATED}
     return save_lora(dst, sd, kept, format=format, dtype=dtype)
 
@@ -265,16 +264,20 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("output", help="destination .safetensors (written atomically)")
     conv.add_argument("--format", choices=FORMATS, default="diffusers", help="key format to write (default diffusers)")
     conv.add_argument("--dtype", default=None, help="cast up/down weights: bf16, fp16 or fp32 (default: keep)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
+    conv.add_argument("--debug", action="store_true", help="on an error also print the full traceback")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     dtype = parse_dtype(args.dtype) if args.dtype else None
+    if Path(args.output).exists() and not args.overwrite:
+        raise UserError(f"output {args.output} already exists; pass --overwrite to replace it")
     meta = convert(args.input, args.output, args.format, dtype)
     print(f"wrote {args.output}: format {args.format}, rank {meta['ss_network_dim']}, alpha {meta['ss_network_alpha']}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -56,7 +56,8 @@ step "train a LoRA (accelerate launch)"
     --output_name demo_lora \
     --save_every_n_epochs 2 \
     --max_train_epochs 4 \
-    --seed 42
+    --seed 42 \
+    --overwrite
 
 step "generate a video with the LoRA"
 $PY kandinsky5_generate_video.py \

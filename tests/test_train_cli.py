@@ -69,8 +69,11 @@ def base_args(bundle: Path, toml: Path, out: Path, task: str = "k5-tiny-t2v", st
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    return write_toy_cache(tmp_path_factory.mktemp("toy"), n_items=4)
+def toy(tmp_path_factory, tiny_bundle) -> Path:
+    """Toy caches that claim the tiny bundle's VAE (the trainer compares it with --vae, given for sampling)."""
+    from kandinsky5.model.vae import vae_file_identity
+
+    return write_toy_cache(tmp_path_factory.mktemp("toy"), n_items=4, vae=vae_file_identity(tiny_bundle / "vae"))
 
 
 def test_seed_accelerate_command_runs_as_written(tiny_bundle, toy, tmp_path):

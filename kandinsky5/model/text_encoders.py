@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from kandinsky5.common import UserError, get_logger, parse_dtype
+from kandinsky5.files import read_safetensors_header
 
 __all__ = ["QWEN_TEMPLATES", "REAL_CROP_START", "TextEmbeds", "TextEncoder"]
 
@@ -175,6 +176,8 @@ def _check_local_dir(path: str, what: str, model_types: tuple[str, ...]) -> None
         raise UserError(
             f"{what}: {config} says model_type={model_type!r}, expected {' or '.join(model_types)}; wrong directory?"
         )
+    for weights in sorted(root.glob("*.safetensors")):  # a truncated shard is one line now, not a loader traceback
+        read_safetensors_header(weights, what)
 
 
 def _resolve(path: str, what: str, model_types: tuple[str, ...]) -> None:

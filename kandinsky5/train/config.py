@@ -93,6 +93,8 @@ class TrainConfig:
     persistent_workers: bool = False
     resume: Path | None = None
     logging_dir: Path | None = None
+    overwrite: bool = False  # --overwrite: an earlier run's files in --output_dir may be replaced
+    allow_stale_cache: bool = False  # --allow_stale_cache: caches made with other settings only warn
 
     @property
     def weight_dtype(self) -> torch.dtype:

@@ -110,6 +110,12 @@ def optimizer_class(name: str) -> tuple[type, dict[str, Any]]:
     return _torch_optimizer(name), {}
 
 
+def optimizer_class_name(cfg: OptimizerConfig) -> str:
+    """``module.Class`` of ``--optimizer_type`` (recorded in states: a resume must use the same class)."""
+    cls, _ = optimizer_class(cfg.type)
+    return f"{cls.__module__}.{cls.__name__}"
+
+
 def optimizer_name(cfg: OptimizerConfig) -> str:
     """``module.Class(k=v, ...)`` for logs and LoRA metadata."""
     cls, _ = optimizer_class(cfg.type)

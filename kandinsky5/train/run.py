@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from kandinsky5.common import UserError, get_logger
+from kandinsky5.files import WriteError, guarded_write
 from kandinsky5.train.config import TrainConfig
-from kandinsky5.train.distributed import DistContext, gather_rng
-from kandinsky5.train.optim import optimizer_name
+from kandinsky5.train.distributed import DistContext, broadcast_object, gather_rng
+from kandinsky5.train.optim import optimizer_class_name, optimizer_name
 from kandinsky5.train.sampler import TrainingSampler
 from kandinsky5.train.state import (
     Progress,
@@ -94,6 +95,17 @@ def resume_run(run: Run, path: Path) -> None:
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, *asdict(run.progress).values())
 
 
+def state_info(run: Run, lora: Path) -> dict[str, object]:
+    """What ``progress.json`` records besides the progress: enough to check a ``--resume`` before loading."""
+    cfg, n = run.cfg, run.cfg.network
+    return {
+        "seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": lora.name,
+        "optimizer": optimizer_name(cfg.optimizer), "optimizer_class": optimizer_class_name(cfg.optimizer),
+        "mixed_precision": cfg.mixed_precision, "network_module": n.module, "network_dim": n.dim,
+        "network_alpha": n.alpha, "network_args": {k: repr(v) for k, v in dict(n.args).items()},
+    }  # fmt: skip
+
+
 def lora_metadata(run: Run) -> dict[str, object]:
     """Metadata of a saved LoRA: what it was trained on and how (K5 keys + kohya-style ss_* keys)."""
     cfg, p = run.cfg, run.progress
@@ -121,19 +133,39 @@ def lora_metadata(run: Run) -> dict[str, object]:
 
 
 def save_checkpoint(run: Run, stem: str, state: bool) -> None:
-    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather."""
+    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather.
+
+    The LoRA file and its state directory are written completely under temporary names before either is renamed,
+    so a failed save (disk full, ...) leaves both as they were, and they always come from the same step.  A failure
+    stops every rank with one line naming the last good checkpoint.
+    """
     cfg = run.cfg
     rng = gather_rng(run.ctx, run.generator) if state else []
+    error = None
     if run.ctx.is_main:
-        path = cfg.save.output_dir / f"{stem}.safetensors"
-        run.module.save_lora(path, run.network, lora_metadata(run), format=cfg.save.format)
-        run.last_checkpoint = path
-        if state:
-            info = {"seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": path.name}
-            writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, info)
-            run.last_checkpoint = write_state_dir(cfg.save.output_dir / f"{stem}-state", writers)
-        log.info("saved %s%s", path, " (+ state)" if state else "")
+        try:
+            _write_checkpoint(run, cfg.save.output_dir / f"{stem}.safetensors", state, rng)
+        except WriteError as exc:
+            what = f"{stem}.safetensors" + (f" and {stem}-state" if state else "")
+            error = (
+                f"cannot save {what} in {cfg.save.output_dir}: {exc.reason}; nothing was replaced, last good "
+                f"checkpoint: {run.last_checkpoint or 'none written yet'} (free space, then --resume a state)"
+            )
+    error = broadcast_object(run.ctx, error) if run.ctx.distributed else error
+    if error is not None:
+        raise UserError(error)
     run.ctx.barrier()
+
+
+def _write_checkpoint(run: Run, path: Path, state: bool, rng: list[dict]) -> None:
+    cfg = run.cfg
+    with guarded_write(path, "LoRA") as tmp:  # renamed only after the state directory is complete
+        run.module.save_lora(tmp, run.network, lora_metadata(run), format=cfg.save.format)
+        if state:
+            writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, state_info(run, path))
+            state_dir = write_state_dir(path.with_name(f"{path.stem}-state"), writers)
+    run.last_checkpoint = state_dir if state else path
+    log.info("saved %s%s", path, " (+ state)" if state else "")
 
 
 def save_and_rotate(run: Run, kind: str, number: int) -> None:
