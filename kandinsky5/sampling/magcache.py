@@ -39,9 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kandinsky5.common import UserError, atomic_path, get_logger
+from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TASKS, TaskConfig
+from kandinsky5.files import read_json, write_text
 from kandinsky5.model import flow
+from kandinsky5.preflight import check_output_dir
 
 __all__ = [
     "OFFICIAL_RATIOS_FILE",
@@ -330,8 +332,7 @@ class Calibrator:
             "layout": "mag_ratios[2*(k-1) + s], k = 1..steps-1, s = 0 cond / 1 uncond (as the official configs)",
             "mag_ratios": self.values(),
         }
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        write_text(path, json.dumps(doc, indent=1) + "\n", "--magcache_calibrate")
         log.info("MagCache calibration: wrote %d ratios for %d steps to %s", len(doc["mag_ratios"]), doc["steps"], path)
         return path
 
@@ -339,12 +340,9 @@ class Calibrator:
 def read_ratios_file(path: str | Path, task: TaskConfig) -> MagRatios:
     """A ``--magcache_calibrate`` file for ``task``; every problem is a one-line UserError naming the file."""
     where = f"--magcache_ratios {path}"
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{where} does not exist (write one with --magcache_calibrate)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{where} is not a MagCache ratios JSON file ({exc})") from None
+    if not Path(path).exists():
+        raise UserError(f"{where} does not exist (write one with --magcache_calibrate)")
+    doc = read_json(path, "--magcache_ratios")
     if not isinstance(doc, dict) or doc.get("format") != FILE_FORMAT:
         raise UserError(f'{where} is not a MagCache ratios file (no "format": "{FILE_FORMAT}")')
     if doc.get("task") != task.name:
@@ -434,8 +432,7 @@ def calibrator_from_args(args, task: TaskConfig, specs: Sequence) -> Calibrator 
     if any(steps < 2 for steps, _ in kinds):
         raise UserError(f"--magcache_calibrate needs at least 2 steps, got {min(k[0] for k in kinds)}")
     path = Path(path)
-    if path.exists() and not args.overwrite:
-        raise UserError(f"--magcache_calibrate {path} already exists; pass --overwrite to replace it")
-    if not path.parent.is_dir():
-        raise UserError(f"--magcache_calibrate {path}: directory {path.parent} does not exist")
+    if path.is_dir() or (path.exists() and not args.overwrite):
+        raise UserError(f"--magcache_calibrate {path} already exists; pass --overwrite to replace it (a JSON file)")
+    check_output_dir(path.parent, "--magcache_calibrate")
     return Calibrator(task)
