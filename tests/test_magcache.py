@@ -492,10 +492,11 @@ def test_trainer_flags_and_errors(tiny_bundle, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sampling_during_training_uses_magcache(tiny_bundle, tmp_path, caplog):
+    from kandinsky5.model.vae import vae_file_identity
     from tests.test_train_cli import base_args, train
     from tests.test_training import write_toy_cache
 
-    toy = write_toy_cache(tmp_path / "toy", n_items=2)
+    toy = write_toy_cache(tmp_path / "toy", n_items=2, vae=vae_file_identity(tiny_bundle / "vae"))
     prompts = _write(tmp_path / "prompts.txt", "A red square slides. --w 64 --h 64 --f 5 --s 8 --g 3 --d 7\n")
     ratios = _write(tmp_path / "r.json", _ratio_doc(steps=8, mag_ratios=[1.0] * 14))
     sampling = [
