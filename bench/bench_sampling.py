@@ -64,7 +64,7 @@ def parse() -> argparse.Namespace:
     m.add_argument("--bundle", default=None, help="tiny bundle dir (default: written to a temporary dir)")
     args = p.parse_args()
     if args.quick and args.magcache:
-        args.video_steps, args.thresholds, args.repeats = 20, [0.12], 1
+        args.video_steps, args.thresholds, args.repeats = 20, [0.12], 2
     if args.quick:
         args.model, args.width, args.height, args.frames, args.steps = "tiny", 128, 128, 9, 2
     return args
