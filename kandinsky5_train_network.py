@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +33,7 @@ from kandinsky5 import cli
 from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.model import flow
 from kandinsky5.sampling.magcache import magcache_from_args
-from kandinsky5.train import optim, startup
+from kandinsky5.train import optim, startup, tracker, validation
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
 from kandinsky5.train.distributed import (
     DistContext,
@@ -43,6 +42,7 @@ from kandinsky5.train.distributed import (
     check_ranks_agree,
     init_distributed,
 )
+from kandinsky5.train.monitor import monitor_for
 from kandinsky5.train.objective import batch_to_device, flow_matching_loss
 from kandinsky5.train.run import Run, resume_run, save_and_rotate, save_checkpoint
 from kandinsky5.train.sampler import TrainingSampler, sample_requests
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_save_args(p)
     startup.add_safety_args(p)
     cli.add_debug_arg(p)
+    validation.add_validation_args(p)
+    tracker.add_tracker_args(p)
     return p
 
 
@@ -103,8 +105,6 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="I2V tasks: condition on the first frame (default) or on the first and last frames",
     )
-    g.add_argument("--logging_dir", default=None, help="TensorBoard logs go to <logging_dir>/<output_name>_<time>")
-    g.add_argument("--log_with", choices=("tensorboard",), default=None, help="tracker (needs --logging_dir)")
     s = p.add_argument_group("sampling during training (rank 0; see docs/sampling_during_training.md)")
     s.add_argument("--sample_prompts", default=None, help="prompt file, one prompt per line with --w --h --f ...")
     s.add_argument("--sample_every_n_steps", type=int, default=None, help="sample every N optimizer steps")
@@ -213,8 +213,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UserError("--sage_attn has no backward pass; train with --sdpa, --flash_attn, --flash3 or --xformers")
     if args.i2v_mode and not task.is_i2v:
         raise UserError(f"--i2v_mode applies to I2V tasks; {task.name} is text-to-video")
-    if args.log_with and not args.logging_dir:
-        raise UserError("--log_with tensorboard needs --logging_dir")
     if args.sample_prompts and not (args.text_encoder_qwen and args.text_encoder_clip and args.vae):
         raise UserError("--sample_prompts needs --text_encoder_qwen, --text_encoder_clip and --vae")
     if (args.magcache or args.magcache_ratios) and not args.sample_prompts:
@@ -288,9 +286,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         persistent_workers=args.persistent_data_loader_workers,
         resume=Path(args.resume) if args.resume else None,
-        logging_dir=Path(args.logging_dir) if args.logging_dir else None,
         overwrite=args.overwrite,
         allow_stale_cache=args.allow_stale_cache,
+        tracking=tracker.tracker_config_from_args(args),
+        validation=validation.validation_config_from_args(args),
     )
 
 
@@ -342,6 +341,7 @@ def setup(cfg: TrainConfig, ctx: DistContext):
 
     from dataset.config import load_dataset_config
     from dataset.latent_dataset import BucketBatchSampler, LatentDataset, collate, discover_items
+    from dataset.split import split_validation
     from dataset.staleness import check_stale
     from kandinsky5.memory.build import build_dit
     from kandinsky5.model.loading import file_fingerprint
@@ -354,14 +354,21 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     dataset_cfg = load_dataset_config(cfg.dataset_config)
     items = discover_items(dataset_cfg, cfg.task)
     check_stale(dataset_cfg, items, cfg.sample.vae and vae_file_identity(cfg.sample.vae), cfg.allow_stale_cache)
+    held = {d.index for d in dataset_cfg.datasets if d.is_validation}
+    items, val_items = split_validation(items, held, cfg.validation.split)
+    validator = validation.build_validator(cfg, val_items, LatentDataset(val_items, cfg.task.is_i2v), collate)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)
     per_epoch = math.ceil(sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
     total = cfg.total_steps(per_epoch)
     startup.check_run(cfg, ctx, total, per_epoch)  # earlier run, --resume, checkpoints, disk space: before loading
     _log_setup(cfg, ctx, items, total, per_epoch)
     if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
-        for _, h, w in sorted({i.shape for i in items}):
+        for _, h, w in sorted({i.shape for i in items + val_items}):
             check_geometry(h // 2, w // 2)
+    training_sampler = None
+    if requests and ctx.is_main:  # only rank 0 samples; prompts are encoded now, before the DiT exists (memory)
+        training_sampler = TrainingSampler(cfg, ctx.device, requests)
+        training_sampler.prepare()
     dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True)
     dit.requires_grad_(False)
     seed_everything(seed)  # the same LoRA init on every rank (broadcast below as well)
@@ -373,9 +380,7 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     seed_everything(seed + ctx.rank)  # dropout masks differ per rank
     generator = torch.Generator(ctx.device).manual_seed(seed * 1009 + ctx.rank)
     run = Run(cfg, ctx, dit, network, module, optimizer, scheduler, generator, seed, total, len(items),
-              file_fingerprint(cfg.dit_path))  # fmt: skip
-    if requests and ctx.is_main:  # only rank 0 samples; the encoders load lazily, at the first sample
-        run.sampler = TrainingSampler(cfg, ctx.device, requests)
+              file_fingerprint(cfg.dit_path), sampler=training_sampler, validator=validator)  # fmt: skip
     loader = DataLoader(
         LatentDataset(items, with_image=cfg.task.is_i2v),
         batch_sampler=sampler,
@@ -394,14 +399,18 @@ def setup(cfg: TrainConfig, ctx: DistContext):
 
 
 def sample(run: Run) -> None:
-    """Rank 0 writes the sample videos; the other ranks wait."""
+    """Rank 0 writes the sample videos and their contact sheet; the other ranks wait."""
     if run.sampler is not None:
-        run.sampler(run.dit, run.network, run.progress.step, run.generator)
+        step = run.progress.step
+        outputs = run.sampler(run.dit, run.network, step, run.generator)
+        run.monitor.on_samples(step, outputs, run.sampler.sheet_path(step))
     run.ctx.barrier()
 
 
 def after_step(run: Run) -> None:
-    save, smp, step = run.cfg.save, run.cfg.sample, run.progress.step
+    save, smp, val, step = run.cfg.save, run.cfg.sample, run.cfg.validation, run.progress.step
+    if val.every_n_steps and step % val.every_n_steps == 0:
+        validation.validate(run)
     if save.every_n_steps and step % save.every_n_steps == 0 and step < run.total_steps:
         save_and_rotate(run, "step", step)
     if smp.every_n_steps and step % smp.every_n_steps == 0:
@@ -410,7 +419,10 @@ def after_step(run: Run) -> None:
 
 def after_epoch(run: Run, epoch: int) -> None:
     """``epoch`` counts finished epochs (1-based); the last one is covered by the final save."""
-    save, smp = run.cfg.save, run.cfg.sample
+    save, smp, val = run.cfg.save, run.cfg.sample, run.cfg.validation
+    if val.every_n_epochs and epoch % val.every_n_epochs == 0:
+        validation.validate(run)
+    run.monitor.on_epoch(epoch, run.progress.step)
     if save.every_n_epochs and epoch % save.every_n_epochs == 0 and run.progress.step < run.total_steps:
         save_and_rotate(run, "epoch", epoch)
     if smp.every_n_epochs and epoch % smp.every_n_epochs == 0:
@@ -448,7 +460,7 @@ def optimizer_step(run: Run, loss_sum: torch.Tensor, micro: int) -> StepStats:
         ) from None
 
 
-def train_epoch(run: Run, loader, batches_per_epoch: int, bar, tracker) -> bool:
+def train_epoch(run: Run, loader, batches_per_epoch: int) -> bool:
     """The rest of the current epoch; True once the step budget is reached."""
     p, accum = run.progress, run.cfg.gradient_accumulation_steps
     loss_sum, micro = torch.zeros((), device=run.ctx.device), 0
@@ -459,50 +471,42 @@ def train_epoch(run: Run, loader, batches_per_epoch: int, bar, tracker) -> bool:
             continue
         stats = optimizer_step(run, loss_sum, micro)
         p.step, loss_sum, micro = p.step + 1, torch.zeros_like(loss_sum), 0
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}")
-        if tracker is not None:
-            for key, value in (("loss", stats.loss), ("lr", stats.lr), ("grad_norm", stats.grad_norm)):
-                tracker.add_scalar(key, value, p.step)
+        run.monitor.on_step(p.step, stats.loss, stats.lr, stats.grad_norm)
         after_step(run)
         if p.step >= run.total_steps:
             return True
     return False
 
 
-def _tracker(cfg: TrainConfig, ctx):
-    if not (cfg.logging_dir and ctx.is_main):
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(cfg.logging_dir / f"{cfg.save.output_name}_{time.strftime('%Y%m%d%H%M%S')}")
-
-
 def train(cfg: TrainConfig, ctx: DistContext) -> Path | None:
     """The whole run; returns the final LoRA (or state) path written by rank 0."""
-    from tqdm import tqdm
-
     run, loader, sampler = setup(cfg, ctx)
-    if cfg.resume is not None:
-        resume_run(run, cfg.resume)
-    tracker = _tracker(cfg, ctx)
-    if cfg.sample.at_first:
-        sample(run)
-    p, per_epoch = run.progress, sampler.batches_per_epoch
+    per_epoch = sampler.batches_per_epoch
     epochs = math.ceil(run.total_steps / math.ceil(per_epoch / cfg.gradient_accumulation_steps))
-    bar = tqdm(total=run.total_steps, initial=p.step, desc="training", disable=not ctx.is_main, unit="step")
-    done = p.step >= run.total_steps
-    while not done and p.epoch < epochs:
-        sampler.set_epoch(p.epoch, skip=p.batches_in_epoch)
-        done = train_epoch(run, loader, per_epoch, bar, tracker)
-        if p.batches_in_epoch >= per_epoch:
-            p.epoch, p.batches_in_epoch = p.epoch + 1, 0
-            after_epoch(run, p.epoch)
-    bar.close()
-    check_ranks_agree(ctx, run.params)
-    save_checkpoint(run, cfg.save.output_name, cfg.save.save_state)
-    if tracker is not None:
-        tracker.close()
+    run.monitor = monitor_for(run, math.ceil(per_epoch / cfg.gradient_accumulation_steps), epochs)
+    try:
+        if cfg.resume is not None:
+            resume_run(run, cfg.resume)
+        p = run.progress
+        run.monitor.open(p.step if cfg.resume is not None else None)
+        if p.step == 0 or not run.monitor.history.validation:
+            validation.validate(run)
+        if cfg.sample.at_first:
+            sample(run)
+        run.monitor.start_loop(p.step)
+        done = p.step >= run.total_steps
+        while not done and p.epoch < epochs:
+            sampler.set_epoch(p.epoch, skip=p.batches_in_epoch)
+            done = train_epoch(run, loader, per_epoch)
+            if p.batches_in_epoch >= per_epoch:
+                p.epoch, p.batches_in_epoch = p.epoch + 1, 0
+                after_epoch(run, p.epoch)
+        check_ranks_agree(ctx, run.params)
+        validation.validate(run)
+        save_checkpoint(run, cfg.save.output_name, cfg.save.save_state)
+        run.monitor.finish(run.last_checkpoint)
+    finally:
+        run.monitor.close()  # closes the bar before any error is printed
     return run.last_checkpoint
 
 

@@ -85,7 +85,7 @@ MEDIA_KEYS = ("image_directory", "image_jsonl_file", "video_directory", "video_j
 COMMON_KEYS = ("resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale")
 VIDEO_KEYS = ("target_frames", "frame_extraction", "frame_stride", "frame_sample", "max_frames", "source_fps")
 GENERAL_KEYS = COMMON_KEYS + VIDEO_KEYS
-DATASET_KEYS = MEDIA_KEYS + ("cache_directory",) + GENERAL_KEYS
+DATASET_KEYS = MEDIA_KEYS + ("cache_directory", "is_validation") + GENERAL_KEYS
 # musubi keys that mean nothing for Kandinsky 5 (FramePack, control resizing): accepted, warned about, ignored.
 IGNORED_KEYS = (
     "fp_latent_window_size",
@@ -137,6 +137,7 @@ class DatasetSpec:
     frame_sample: int = 1
     max_frames: int = 129
     source_fps: float | None = None
+    is_validation: bool = False  # held out: cached like the others, never trained on, used for the validation loss
 
     @property
     def name(self) -> str:
@@ -243,6 +244,7 @@ def _parse_dataset(index: int, table: Mapping[str, Any], defaults: Mapping[str, 
         directory=media if is_dir else None,
         jsonl_file=None if is_dir else media,
         cache_directory=cache_dir,
+        is_validation=_bool(table.get("is_validation", False), f"{where}.is_validation"),
         **values,
     )
     _check_spec(spec, where)

@@ -329,7 +329,9 @@ def test_build_dit_logs_the_plan_and_the_switches(tmp_path, base, caplog):
         model = build_dit(TASK, path, "cpu", torch.float32, None, mem, training=True)
     text = caplog.text
     assert "fp8 on | block swap 2 | gradient checkpointing on (+ CPU activation offload)" in text
-    assert "swapped blocks (4 streamed, 2 on GPU)" in text and "fp8 saves" in text
+    assert "CPU run:" in text and "fp8 saves" in text and "GPU " not in text  # no GPU: one line, no GPU column
+    plan = memory_plan(_meta(TASK.name, True), torch.float32, 2)
+    assert "swapped blocks (4 streamed, 2 on GPU)" in plan.table() and "\n" not in plan.cpu_line()
     swapper = model._k5_block_swapper
     assert [s.name for s in swapper.slots] == block_names(model)[-4:]
     out = model(*_inputs())

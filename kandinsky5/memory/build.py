@@ -297,7 +297,11 @@ def build_dit(
     streamed = streamed_block_names(meta, memory.blocks_to_swap)
     plan = memory_plan(meta, dtype, memory.blocks_to_swap, stored=stored_dtypes(header))
     log.info("memory: %s", memory.describe())
-    log.info("memory plan for %s (weights, %s):\n%s", task.name, str(dtype).removeprefix("torch."), plan.table())
+    dtype_name = str(dtype).removeprefix("torch.")
+    if device.type == "cpu":
+        log.info("memory plan for %s (weights, %s): %s", task.name, dtype_name, plan.cpu_line())
+    else:
+        log.info("memory plan for %s (weights, %s):\n%s", task.name, dtype_name, plan.table())
     transform = _load_transform(quantize, streamed, device, dtype, memory)
     dit = load_dit(task, dit_path, device, dtype, attention, convert=convert, transform=transform)
     if streamed:

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kandinsky5.common import get_logger
+from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.model import flow
 from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig
+from kandinsky5.train.tracker import TrackerConfig
 
 if TYPE_CHECKING:
     from kandinsky5.memory.build import MemoryConfig
@@ -67,6 +68,28 @@ class SampleConfig:
         return self.prompts is not None
 
 
+VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The validation loss (``kandinsky5.train.validation``): which items, when, at which t, with which noise."""
+
+    split: float = 0.0  # --validation_split: fraction of the items held out by item-key hash
+    every_n_steps: int | None = None  # --validate_every_n_steps
+    every_n_epochs: int | None = None  # --validate_every_n_epochs
+    timesteps: tuple[float, ...] = VALIDATION_TIMESTEPS  # --validation_timesteps (flow time, 1 = noise)
+    seed: int = 0  # --validation_seed: the noise of an item is a function of (seed, item) only
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.split < 1.0:
+            raise UserError(f"--validation_split must be in [0, 1), got {self.split}")
+        if not self.timesteps or any(not 0.0 < t <= 1.0 for t in self.timesteps):
+            raise UserError(f"--validation_timesteps must be values in (0, 1], got {list(self.timesteps)}")
+        if len(set(self.timesteps)) != len(self.timesteps):
+            raise UserError(f"--validation_timesteps has repeated values: {list(self.timesteps)}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs; built once from the command line, never mutated."""
@@ -92,9 +115,10 @@ class TrainConfig:
     num_workers: int = 1
     persistent_workers: bool = False
     resume: Path | None = None
-    logging_dir: Path | None = None
     overwrite: bool = False  # --overwrite: an earlier run's files in --output_dir may be replaced
     allow_stale_cache: bool = False  # --allow_stale_cache: caches made with other settings only warn
+    tracking: TrackerConfig = field(default_factory=TrackerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     @property
     def weight_dtype(self) -> torch.dtype:

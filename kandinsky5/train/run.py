@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -59,6 +59,8 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     last_checkpoint: Path | None = None
     sampler: TrainingSampler | None = None
+    validator: Any = None  # kandinsky5.train.validation.Validator, None without validation items
+    monitor: Any = None  # kandinsky5.train.monitor.Monitor: console, trackers, history (saved in the state)
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -92,6 +94,8 @@ def resume_run(run: Run, path: Path) -> None:
     restore_rng(rng[run.ctx.rank], run.generator)
     run.seed, run.last_checkpoint = meta["seed"], path
     run.progress = Progress(meta["step"], meta["epoch"], meta["batches_in_epoch"])
+    if run.monitor is not None:
+        run.monitor.restore(path, run.progress.step)  # curves, moving average, run folder
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, *asdict(run.progress).values())
 
 
@@ -161,8 +165,12 @@ def _write_checkpoint(run: Run, path: Path, state: bool, rng: list[dict]) -> Non
     cfg = run.cfg
     with guarded_write(path, "LoRA") as tmp:  # renamed only after the state directory is complete
         run.module.save_lora(tmp, run.network, lora_metadata(run), format=cfg.save.format)
+        if run.monitor is not None:
+            run.monitor.on_save(run.progress.step, path)  # recorded in the history (saved in the state); loss.png
         if state:
             writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, state_info(run, path))
+            if run.monitor is not None:
+                writers.update(run.monitor.state_files())
             state_dir = write_state_dir(path.with_name(f"{path.stem}-state"), writers)
     run.last_checkpoint = state_dir if state else path
     log.info("saved %s%s", path, " (+ state)" if state else "")

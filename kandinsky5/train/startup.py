@@ -249,8 +249,8 @@ def estimate_output_bytes(cfg: TrainConfig, lora_bytes: int, total_steps: int, s
 def _check_room(cfg: TrainConfig, lora_bytes: int, total_steps: int, steps_per_epoch: int) -> None:
     need = estimate_output_bytes(cfg, lora_bytes, total_steps, steps_per_epoch)
     check_output_dir(cfg.save.output_dir, "--output_dir", need, "lower --save_last_n_steps / --save_last_n_epochs")
-    if cfg.logging_dir is not None:
-        check_output_dir(cfg.logging_dir, "--logging_dir")
+    if cfg.tracking.logging_dir is not None:  # the default, <output_dir>/logs, is covered by the check above
+        check_output_dir(cfg.tracking.logging_dir, "--logging_dir")
 
 
 # ------------------------------------------------------------------------------------------------------------
