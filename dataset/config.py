@@ -43,7 +43,8 @@ Decisions where musubi is silent or wrong (all documented in docs/dataset_config
   an error.  The list is de-duplicated and sorted.
 * Video frame keys (``target_frames``, ``frame_extraction``, ...) may also be given in ``[general]`` as defaults
   for the video datasets (musubi rejects them there); in an image dataset table they are an error.
-* ``enable_bucket`` is honoured for video datasets too (musubi always buckets videos).
+* ``enable_bucket`` is honoured for video datasets too (musubi always buckets videos); a video dataset that does not
+  set it (nor ``[general]``) gets a warning saying so, once per dataset each time the config is read.
 * ``cache_directory`` defaults to the media directory; it is required for JSONL datasets; two datasets that
   resolve to the same directory are an error.
 * Control images (``control_directory``, ``multiple_target = true``) are rejected; FramePack-only and
@@ -248,6 +249,12 @@ def _parse_dataset(index: int, table: Mapping[str, Any], defaults: Mapping[str, 
         **values,
     )
     _check_spec(spec, where)
+    if kind == "video" and "enable_bucket" not in table and "enable_bucket" not in defaults:
+        w, h = spec.resolution
+        log.warning(
+            "%s: enable_bucket is not set, so every clip is resized and centre-cropped to %dx%d; musubi always "
+            "buckets videos: set enable_bucket = true to match it (false silences this)", where, w, h,
+        )  # fmt: skip
     return spec
 
 

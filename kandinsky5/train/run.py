@@ -177,11 +177,11 @@ def _write_checkpoint(run: Run, path: Path, state: bool, rng: list[dict]) -> Non
 
 
 def save_and_rotate(run: Run, kind: str, number: int) -> None:
-    """A step or epoch checkpoint, then deletion of the older ones beyond --save_last_n_steps/epochs."""
+    """A step or epoch checkpoint, then deletion of the older LoRA files and state dirs (``SaveConfig.kept``)."""
     s = run.cfg.save
-    stem, keep = (f"-step{number:08d}", s.last_n_steps) if kind == "step" else (f"-{number:06d}", s.last_n_epochs)
+    stem = f"-step{number:08d}" if kind == "step" else f"-{number:06d}"
     save_checkpoint(run, s.output_name + stem, s.save_state)
-    if keep and run.ctx.is_main:
-        numbered = r"-step(\d+)" if kind == "step" else r"-(\d{6})"
-        pattern = f"{re.escape(s.output_name)}{numbered}(?:\\.safetensors|-state)"
-        rotate(s.output_dir, pattern, keep, number)
+    numbered = r"-step(\d+)" if kind == "step" else r"-(\d{6})"
+    for suffix, keep in ((r"\.safetensors", s.kept(kind, False)), ("-state", s.kept(kind, True))):
+        if keep and run.ctx.is_main:
+            rotate(s.output_dir, f"{re.escape(s.output_name)}{numbered}{suffix}", keep, number)

@@ -44,13 +44,11 @@ def sample_requests(task: TaskConfig, prompts: Path) -> list[pipeline.Generation
     """
     if not Path(prompts).is_file():
         raise UserError(f"--sample_prompts {prompts} does not exist")
-    requests = []
-    for line in read_prompt_file(prompts):
-        try:
-            requests.append(pipeline.request_from_line(task, line))
-        except UserError as exc:
-            raise UserError(f"--sample_prompts {prompts}: prompt {line.prompt[:40]!r}: {exc}") from None
-    return requests
+    try:
+        return [pipeline.request_from_line(task, line) for line in read_prompt_file(prompts, "--sample_prompts")]
+    except UserError as exc:  # the message names file:line
+        message = str(exc)
+        raise UserError(message if message.startswith("--sample_prompts") else f"--sample_prompts {message}") from None
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,7 @@ class TrainingSampler:
             device=device,
             dtype=cfg.weight_dtype,
             magcache=s.magcache,
+            vae_dtype=s.vae_dtype,
         )
         self.prepared: list[pipeline.PreparedRequest] = []
 
