@@ -649,18 +649,21 @@ def _run_checks(s: Settings, names: set[str] | None) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     s = _settings(args)
-    logging.getLogger("kandinsky5").setLevel(logging.WARNING)  # build_dit's plan printout, once per model
     names = set(args.only.split(",")) if args.only else None
     unknown = (names or set()) - {c.name for c in CHECKS}
     if unknown:
         raise SystemExit(f"error: --only {', '.join(sorted(unknown))}: no such check")
     start, threads = time.perf_counter(), torch.get_num_threads()
+    k5_log = logging.getLogger("kandinsky5")
+    level = k5_log.level
+    k5_log.setLevel(logging.WARNING)  # build_dit's plan printout, once per model (restored: tests call main())
     if s.dry_run:
         torch.set_num_threads(1)  # tiny tensors: one thread is faster, and a shared CI machine is not oversubscribed
     try:
         rows = _run_checks(s, names)
     finally:
         torch.set_num_threads(threads)
+        k5_log.setLevel(level)
     header = _header(s)
     table = render(header, rows)
     print(table)

@@ -370,7 +370,7 @@ def test_calibrate_then_use_round_trips(tiny_bundle, tmp_path, caplog):
     assert read.values == tuple(doc["mag_ratios"]) and read.steps == 10
     video = tmp_path / "a.mp4"
     argv = [*_models(tiny_bundle), "--steps", "10", "--magcache_ratios", str(ratios), "--magcache_thresh", "0.5"]
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="kandinsky5"):
         assert run_main(main, [*argv, "--save_latents", str(tmp_path / "a.safetensors"), "--output", str(video)]) == 0
     assert video.exists() and "calibrated" not in caplog.text and "resampled" not in caplog.text
     line = next(r.getMessage() for r in caplog.records if "MagCache: skipped" in r.getMessage())
@@ -504,7 +504,7 @@ def test_sampling_during_training_uses_magcache(tiny_bundle, tmp_path, caplog):
         "--text_encoder_qwen", str(tiny_bundle / "text_encoder"), "--text_encoder_clip",
         str(tiny_bundle / "text_encoder2"), "--vae", str(tiny_bundle / "vae"),
     ]  # fmt: skip
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="kandinsky5"):
         assert train(base_args(tiny_bundle, toy, tmp_path / "out", steps=1) + sampling) == 0
     # all ratios 1: after the first int(16 * 0.2) = 3 calls each stream skips twice, runs once (K = 2)
     assert "skipped the visual blocks of 9 of 16 DiT calls (cond 4/8, uncond 5/8)" in caplog.text
