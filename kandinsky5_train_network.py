@@ -32,6 +32,7 @@ import torch
 from kandinsky5 import cli, musubi_compat
 from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.model import flow
+from kandinsky5.sampling.magcache import magcache_from_args
 from kandinsky5.train import args as train_args
 from kandinsky5.train import optim, prechecks, startup, tracker, validation
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_attention_args(p)
     cli.add_memory_args(p, training=True)
     _add_run_args(p)
+    cli.add_magcache_args(p, calibrate=False)
     _add_optimizer_args(p)
     _add_network_args(p)
     _add_timestep_args(p)
@@ -240,6 +242,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UserError(f"--i2v_mode applies to I2V tasks; {task.name} is text-to-video")
     if args.sample_prompts and not (args.text_encoder_qwen and args.text_encoder_clip and args.vae):
         raise UserError("--sample_prompts needs --text_encoder_qwen, --text_encoder_clip and --vae")
+    if (args.magcache or args.magcache_ratios) and not args.sample_prompts:
+        raise UserError("--magcache speeds up sampling during training: it needs --sample_prompts")
     timesteps = train_args.timestep_config(args)
     train_args.check_args(args)
     positive = ("gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "network_dim",
@@ -298,6 +302,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             text_encoder_qwen=args.text_encoder_qwen,
             text_encoder_clip=args.text_encoder_clip,
             vae=args.vae,
+            magcache=magcache_from_args(args, task),
             vae_dtype=train_args.vae_dtype(args),
         ),  # fmt: skip
         num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),

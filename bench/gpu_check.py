@@ -21,11 +21,14 @@ Checks (``CHECKS``, in order of risk):
 6. ``latency`` -- one Pro-sized visual block: forward at 2 x 31,744 tokens (Pro 5 s SD, CFG batch) and
    forward + backward at 1,280 tokens (256x256x17), extrapolated to 50 CFG steps of Pro 5 s SD and to one Pro LoRA
    step (visual + text blocks only: embeddings, VAE and text encoders are not counted).
+7. ``magcache`` -- the block-swap DiT (Pro width, few blocks) sampling 50 CFG steps: ``--magcache_thresh 0`` must be
+   bit-identical to the plain sampler; with the official Pro ratios and knobs, calls skipped, seconds per video
+   against the full run and the latent deviation (random weights: the deviation is not a quality figure).
 
 Output: the table (device, date, torch / CUDA versions first) on stdout, and the same table as ``<output>.md`` next
 to ``<output>.json`` (every row with its raw numbers).  Exit status 1 if any row failed.
 
-Adding a check (e.g. torch.compile of the whole DiT, MagCache, the memory plan against measured peaks): append
+Adding a check (e.g. torch.compile of the whole DiT, the memory plan against measured peaks): append
 ``Check(name, function)`` to ``CHECKS``; the function takes :class:`Settings` and returns rows, and must honour
 ``settings.dry_run`` (tiny sizes on the CPU) so that ``tests/test_gpu_check.py`` keeps it from rotting.
 """
@@ -532,6 +535,47 @@ def _tokens(grid) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 7. MagCache on a Pro-width DiT (few blocks)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_magcache(s: Settings) -> list[Row]:
+    """Zero threshold == the plain sampler (bit-exact on the GPU too); the official Pro ratios at the official knobs:
+    calls skipped, seconds per video against the full run, latent deviation."""
+    from kandinsky5.model.text_encoders import TextEmbeds
+    from kandinsky5.sampling import magcache as mc
+    from kandinsky5.sampling.pipeline import SamplingSpec, sample_latents
+
+    cfg, (w, h, f) = s.sizes.swap_dit, s.sizes.swap_video
+    dit = _random_(lambda: DiT(cfg), s).eval()
+    spec = SamplingSpec(w, h, f, 6 if s.dry_run else 50, 5.0, 5.0, seed=0)
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = (TextEmbeds(torch.randn(1, n, cfg.in_text_dim, generator=g), torch.ones(1, n, dtype=torch.bool),
+                               torch.randn(1, cfg.in_text_dim2, generator=g)) for n in (40, 24))  # fmt: skip
+    config = mc.MagCacheConfig(mc.official_ratios(get_task("k5-pro-t2v-5s-sd")))
+    runs: dict[str, object] = {}
+
+    def sample(name: str, thresh: float | None):
+        runs[name] = None if thresh is None else dataclasses.replace(config, thresh=thresh).start(spec.steps, True)
+        return sample_latents(dit, cond, uncond, spec, progress=False, cache=runs[name])
+
+    full, zero, cached = sample("full", None), sample("zero", 0.0), sample("magcache", config.thresh)
+    t_full = _median_time(s, lambda: sample("full", None))
+    t_mc = _median_time(s, lambda: sample("magcache", config.thresh))
+    size = f"D={cfg.model_dim}, {cfg.num_visual_blocks} visual blocks, {w}x{h}x{f}, {spec.steps} steps, CFG"
+    skipped, calls = runs["magcache"].skipped, runs["magcache"].calls
+    err = float((cached - full).norm() / full.norm())
+    return [
+        Row("magcache", f"{size}: threshold 0", "bit-identical to the plain sampler" if torch.equal(zero, full)
+            else f"differs: {_rel(zero, full):.2e}", "ok" if torch.equal(zero, full) else "FAIL"),
+        Row("magcache", f"{size}: official k5-pro-t2v-5s-sd ratios, {config.describe().split(', ratios')[0]}",
+            f"{skipped}/{calls} calls skipped, {t_mc:.2f} s vs {t_full:.2f} s per video ({t_full / t_mc:.2f}x), "
+            f"latent rel. L2 {err:.2e} (random weights)", "ok",
+            {"skipped": skipped, "calls": calls, "seconds": t_mc, "seconds_full": t_full, "rel_l2": err}),
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -549,6 +593,7 @@ CHECKS: list[Check] = [
     Check("fp8", check_fp8),
     Check("memory_bench", check_memory_bench),
     Check("latency", check_latency),
+    Check("magcache", check_magcache),
 ]
 
 
@@ -609,15 +654,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"error: --only {', '.join(sorted(unknown))}: no such check")
     start, threads = time.perf_counter(), torch.get_num_threads()
+    k5_log = logging.getLogger("kandinsky5")
+    level = k5_log.level
+    k5_log.setLevel(logging.WARNING)  # build_dit's plan printout, once per model (restored: tests call main())
     if s.dry_run:
         torch.set_num_threads(1)  # tiny tensors: one thread is faster, and a shared CI machine is not oversubscribed
-    quiet, level = logging.getLogger("kandinsky5"), logging.getLogger("kandinsky5").level
-    quiet.setLevel(logging.WARNING)  # build_dit's plan printout, once per model
     try:
         rows = _run_checks(s, names)
     finally:
         torch.set_num_threads(threads)
-        quiet.setLevel(level)
+        k5_log.setLevel(level)
     header = _header(s)
     table = render(header, rows)
     print(table)

@@ -4,7 +4,8 @@ The four scripts build their parsers from these groups so that a flag means the 
 
 * :func:`add_model_args` — ``--task``, ``--dit``, ``--vae``, ``--text_encoder_qwen``, ``--text_encoder_clip``;
 * :func:`add_attention_args` — ``--sdpa | --flash_attn | --flash3 | --sage_attn | --xformers`` and the NABLA group;
-* :func:`add_memory_args` — ``--fp8_base``, ``--fp8_scaled``, ``--fp8_fast``, ``--blocks_to_swap``, ...
+* :func:`add_memory_args` — ``--fp8_base``, ``--fp8_scaled``, ``--fp8_fast``, ``--blocks_to_swap``, ...;
+* :func:`add_magcache_args` — ``--magcache`` and its knobs (generation and sampling during training).
 
 :func:`parse_args` reads an optional TOML file (``--config_file``) whose keys must be flag names (unknown keys are an
 error listing the close matches); the command line wins over the file; ``--config_file run`` also finds
@@ -31,6 +32,7 @@ __all__ = [
     "add_model_args",
     "add_attention_args",
     "add_memory_args",
+    "add_magcache_args",
     "add_config_file_arg",
     "HelpFormatter",
     "add_debug_arg",
@@ -128,6 +130,42 @@ def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> 
             action="store_true",
             help="with --gradient_checkpointing: keep the saved block inputs in CPU memory",
         )
+
+
+def add_magcache_args(parser: argparse.ArgumentParser, calibrate: bool = True) -> None:
+    """MagCache step skipping (``kandinsky5/sampling/magcache.py``); defaults are the official ones."""
+    g = parser.add_argument_group("MagCache step skipping (see docs/inference.md)")
+    g.add_argument(
+        "--magcache",
+        action="store_true",
+        help="skip the DiT's visual blocks on steps whose residual is predictable (official MagCache with the "
+        "task's official ratios, or --magcache_ratios); default off",
+    )
+    g.add_argument(
+        "--magcache_thresh",
+        type=float,
+        default=None,
+        help="accumulated-error threshold; higher skips more (default 0.12, official; 0 = never skip)",
+    )
+    g.add_argument(
+        "--magcache_K",
+        type=int,
+        default=None,
+        help="at most K consecutive skipped steps per CFG stream (default 2, official)",
+    )
+    g.add_argument(
+        "--magcache_retention_ratio",
+        type=float,
+        default=None,
+        help="share of the first steps that always run (default 0.2, official)",
+    )
+    g.add_argument("--magcache_ratios", default=None, metavar="FILE",
+                   help="ratios JSON written by --magcache_calibrate instead of the task's official ones "
+                   "(implies --magcache; default: official ratios)")  # fmt: skip
+    if calibrate:
+        g.add_argument("--magcache_calibrate", default=None, metavar="FILE",
+                       help="run every step, measure this model's MagCache ratios and write them to FILE (JSON with "
+                       "task, checkpoint hash, steps) for --magcache_ratios; default off")  # fmt: skip
 
 
 def add_config_file_arg(parser: argparse.ArgumentParser) -> None:

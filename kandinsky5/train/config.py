@@ -21,6 +21,7 @@ from kandinsky5.train.tracker import TrackerConfig
 if TYPE_CHECKING:
     from kandinsky5.memory.build import MemoryConfig
     from kandinsky5.model.dit import AttentionSpec
+    from kandinsky5.sampling.magcache import MagCacheConfig
 
 
 log = get_logger(__name__)
@@ -74,6 +75,7 @@ class SampleConfig:
     text_encoder_qwen: str | None = None
     text_encoder_clip: str | None = None
     vae: str | None = None
+    magcache: MagCacheConfig | None = None  # --magcache: step skipping while sampling
     vae_dtype: torch.dtype | None = None  # --vae_dtype (default: the DiT weight dtype)
 
     @property

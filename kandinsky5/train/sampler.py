@@ -86,6 +86,7 @@ class TrainingSampler:
             vae_path=s.vae,
             device=device,
             dtype=cfg.weight_dtype,
+            magcache=s.magcache,
             vae_dtype=s.vae_dtype,
         )
         self.prepared: list[pipeline.PreparedRequest] = []
