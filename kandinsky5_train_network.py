@@ -342,6 +342,7 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     from kandinsky5.model.loading import file_fingerprint
     from kandinsky5.model.nabla import check_geometry
     from kandinsky5.model.vae import vae_file_identity
+    from kandinsky5.train.memory_check import check_training_memory
 
     # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
     requests = sample_requests(cfg.task, cfg.sample.prompts) if cfg.sample.enabled else []
@@ -357,6 +358,7 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
         for _, h, w in sorted({i.shape for i in items}):
             check_geometry(h // 2, w // 2)
+    cfg = check_training_memory(cfg, ctx.device, items, requests)  # weights + activations vs the budget; auto
     dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True)
     dit.requires_grad_(False)
     seed_everything(seed)  # the same LoRA init on every rank (broadcast below as well)

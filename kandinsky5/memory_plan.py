@@ -154,3 +154,16 @@ def memory_plan(
     staging = min(STAGING, len(per_block)) * max(per_block.values(), default=0)
     swapped = sum(per_block.values())
     return MemoryPlan(params, gpu_fp8, gpu_hp, staging, swapped, baseline, blocks_to_swap, len(streamed))
+
+
+def main(argv=None) -> int:
+    """``python -m kandinsky5.memory_plan``: weights + activations plan and the auto choice (``memory.plan_cli``)."""
+    from kandinsky5.memory.plan_cli import main as plan_main
+
+    return plan_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
