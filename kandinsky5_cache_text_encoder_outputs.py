@@ -43,10 +43,19 @@ from dataset.caching import (
 )
 from dataset.config import DatasetSpec, load_dataset_config
 from dataset.sources import Item, iter_items
-from kandinsky5.cli import add_config_file_arg, add_debug_arg, add_model_args, parse_args, run_main, task_from_args
+from kandinsky5.cli import (
+    HelpFormatter,
+    add_config_file_arg,
+    add_debug_arg,
+    add_model_args,
+    parse_args,
+    run_main,
+    task_from_args,
+)
 from kandinsky5.common import UserError, get_logger, parse_dtype, resolve_device
 from kandinsky5.configs import TaskConfig
 from kandinsky5.model.text_encoders import TextEncoder
+from kandinsky5.musubi_compat import add_musubi_args
 
 log = get_logger("kandinsky5_cache_text_encoder_outputs")
 
@@ -64,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode every caption of a dataset config with Qwen2.5-VL + CLIP into text caches for "
         "kandinsky5_train_network.py.",
         allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--dataset_config", default=None, help="dataset TOML/JSON (docs/dataset_config.md); required")
     add_model_args(parser, dit=False, vae=False, text=True)
@@ -119,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_file_arg(parser)
     add_debug_arg(parser)
+    add_musubi_args(parser, "cache_text")
     return parser
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kandinsky5.cli import (
+    HelpFormatter,
     add_attention_args,
     add_config_file_arg,
     add_debug_arg,
@@ -39,6 +40,7 @@ from kandinsky5.common import UserError, get_logger, parse_dtype, resolve_device
 from kandinsky5.configs import TaskConfig, latent_frames
 from kandinsky5.files import load_safetensors, read_safetensors_header, save_safetensors
 from kandinsky5.memory.planner import check_generation_memory
+from kandinsky5.musubi_compat import add_musubi_args
 from kandinsky5.preflight import check_output_files, warn_task_mismatch
 from kandinsky5.sampling.pipeline import GenerationRequest, GenerationResult, Kandinsky5Pipeline, request_from_line
 from kandinsky5.sampling.prompts import PromptLine, read_prompt_file
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Generate a video (or an image) with a Kandinsky 5 model.  Defaults come from --task.",
         allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     add_model_args(parser)
     add_attention_args(parser)
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conditioning_args(parser)
     _add_output_args(parser)
     _add_runtime_args(parser)
+    add_musubi_args(parser, "generate")
     return parser
 
 
@@ -79,7 +83,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
         "--prompt_file",
         default=None,
         help="text file, one generation per line with optional overrides --w --h --f --d --s --g --n --i --l "
-        "(see docs/inference.md); lines starting with # are skipped",
+        "(see docs/inference.md; lines starting with # are skipped), or musubi's .toml / .json prompt file",
     )
     g.add_argument(
         "--negative_prompt",
@@ -92,10 +96,11 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
         "--frames",
         type=int,
         default=None,
-        help="number of VIDEO frames, 4k+1 (1, 5, ..., 121 = 5 s at 24 fps); 1 writes an image (task default)",
+        help="number of VIDEO frames, 4k+1 (1, 5, ..., 121 = 5 s at 24 fps); 1 writes an image (task default). "
+        "musubi's --frames counts latent frames: its --frames 17 is --frames 65 here",
     )
     g.add_argument("--steps", type=int, default=None, help="denoising steps (task default, 50 for most)")
-    g.add_argument("--guidance", type=float, default=None, help="CFG weight; 1 disables the negative pass (task)")
+    g.add_argument("--guidance", type=float, default=None, help="CFG weight, 1 = no negative pass (task default)")
     g.add_argument(
         "--scheduler_scale", type=float, default=None, help="time-grid shift s in t = s*u/(1+(s-1)*u) (task default)"
     )
@@ -274,7 +279,8 @@ def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
     args.lora_multiplier = _lora_multipliers(args)  # one value per file from here on (the warning is said once)
     for path in args.lora_weight:
         read_safetensors_header(path, "--lora_weight")  # a missing, truncated or foreign file: one line, now
-    return attention_spec_from_args(args, task), memory_config_from_args(args)
+    precision = (getattr(torch, args.dtype), f"--dtype {args.dtype}")
+    return attention_spec_from_args(args, task, precision), memory_config_from_args(args)
 
 
 def _lora_multipliers(args: argparse.Namespace) -> list[float]:

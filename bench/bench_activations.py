@@ -22,9 +22,9 @@ Workarounds for the tracker on a CPU (:class:`StepTracker`, :func:`fake_storage_
   real run never holds.  The hooks fire on the first gradient instead (:func:`first_grad_hooks`);
 * fake storages all report data pointer 0, which would make block swap's saved-weight detection match every
   tensor: storages report their unique ``_cdata`` instead while the step runs;
-* the text mask is None (``bool(mask.all())`` is data-dependent); NABLA runs a stand-in with flex attention's
-  saved set (q, k, v, out, lse, block-mask indices), since flex has no CPU backward -- its mask construction is
-  the project's own code.
+* the text mask is None (``bool(mask.all())`` is data-dependent); NABLA runs its CUDA path (the block mask, the
+  per-sample kv blocks and torch's ``BlockMask``, all real code) with a stand-in for the compiled flex kernel that
+  keeps flex's saved set (q, k, v, out, lse, the BlockMask tensors): flex has no CPU backward.
 
 ``gpu_memory_row`` runs the same step on CUDA with random weights and compares the prediction with
 ``torch.cuda.max_memory_allocated`` (for ``bench/gpu_check.py``).
@@ -44,6 +44,7 @@ from types import SimpleNamespace
 import torch
 from torch.distributed._tools import mem_tracker as mt
 from torch.distributed._tools import mod_tracker
+from torch.nn.attention.flex_attention import BlockMask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -143,27 +144,35 @@ def host_offload_excluded(tracker: StepTracker):
 
 
 class _FlexStandIn(torch.autograd.Function):
-    """Flex attention's memory signature: out + lse, saving q, k, v, out, lse and the block-mask indices."""
+    """Flex attention's memory signature: out + lse, saving q, k, v, out, lse and the BlockMask's tensors."""
 
     @staticmethod
-    def forward(ctx, q, k, v, indices):
+    def forward(ctx, q, k, v, *mask_tensors):
         out = torch.empty_like(q)
         lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse, indices)
+        ctx.save_for_backward(q, k, v, out, lse, *mask_tensors)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, *_ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
+        q, k, v, *rest = ctx.saved_tensors
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *([None] * (len(rest) - 2)))
 
 
 def _nabla_stand_in(q, k, v, cfg, sta):
+    """``nabla.nabla_attention`` on CUDA, sample by sample, with the real block mask, the real kv blocks and the
+    real ``BlockMask``; only the flex kernel itself is :class:`_FlexStandIn`."""
     mask = nabla.block_mask(q, k, cfg, sta)
-    counts = mask.sum(-1, dtype=torch.int32)
-    indices = mask.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
-    kept = torch.cat([counts[..., None], indices, indices.transpose(-2, -1).contiguous(), indices.clone()], -1)
-    return _FlexStandIn.apply(q, k, v, kept)
+    outs = []
+    for i in range(q.shape[0]):
+        with torch.no_grad():
+            counts, indices = nabla._kv_blocks(mask[i : i + 1])
+            bm = BlockMask.from_kv_blocks(torch.zeros_like(counts), indices, counts, indices, BLOCK_SIZE=nabla.BLOCK,
+                                          mask_mod=None, compute_q_blocks=torch.is_grad_enabled())  # fmt: skip
+        kept = {id(t): t for t in vars(bm).values() if isinstance(t, torch.Tensor)}
+        sample = (t[i : i + 1].transpose(1, 2) for t in (q, k, v))
+        outs.append(_FlexStandIn.apply(*sample, *kept.values()).transpose(1, 2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,13 +312,13 @@ def predicted(case: Case) -> tuple[int, int]:
 
 
 def gpu_memory_row(case: Case | None = None) -> dict:
-    """Predicted tensor bytes vs ``torch.cuda.max_memory_allocated`` for one step on CUDA (random weights).
+    """Predicted tensor bytes vs ``torch.cuda.max_memory_allocated`` for one step on CUDA (random weights); what
+    ``bench/gpu_check.py`` (check ``activation_model``) runs.
 
     Default case: Pro-size blocks (1 text + 3 visual), 256x256x17, batch 1, fp8, checkpointing, block swap 1,
     rank 32.  Returns {"case", "predicted", "measured", "error"} (error = predicted / measured - 1).
     """
-    case = case or Case("pro blocks fp8 ckpt swap1", PRO_BLOCKS, StepShape(1, 17, 256, 256, 256),
-                        MemoryConfig(fp8=True, blocks_to_swap=1, gradient_checkpointing=True), rank=32)  # fmt: skip
+    case = case or _cuda_case_default()
     device = torch.device("cuda")
     torch.cuda.empty_cache()
     dit, net, _, _ = build(case, device)
@@ -323,6 +332,11 @@ def gpu_memory_row(case: Case | None = None) -> dict:
     del dit, net, params, opt
     torch.cuda.empty_cache()
     return {"case": case.name, "predicted": pred, "measured": measured, "error": pred / measured - 1}
+
+
+def _cuda_case_default() -> Case:
+    return Case("pro blocks fp8 ckpt swap 1", PRO_BLOCKS, StepShape(1, 17, 256, 256, 256),
+                MemoryConfig(fp8=True, blocks_to_swap=1, gradient_checkpointing=True), rank=32)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------

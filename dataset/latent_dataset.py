@@ -75,7 +75,7 @@ class CachedItem:
     dataset_index: int
     batch_size: int
     num_repeats: int
-    item_key: str = ""
+    item_key: str = ""  # the media item (all clips of one video share it); the validation split hashes it
     template: str = "video"  # prompt template of the text embeddings this clip trains with
 
 

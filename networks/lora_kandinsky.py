@@ -18,6 +18,8 @@ targeted unless included: the modulation linears, the embeddings and ``out_layer
 ``rank_dropout``       float, per-sample dropout over the rank dimension (training only)
 ``module_dropout``     float, probability of skipping a module's LoRA branch per call (training only)
 ``dropout``            float, dropout on the rank activations (same as ``neuron_dropout`` / --network_dropout)
+``loraplus_lr_ratio``  float > 0, LoRA+: the trainer gives the ``lora_up`` weights ``ratio`` x the learning rate
+``verbose``            bool, log every targeted module (as musubi)
 =====================  ================================================================================
 
 Files: ``save_lora`` writes ``diffusers`` keys (default: loads in ComfyUI, diffusers and the official repo),
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kandinsky5.common import UserError, parse_dtype, run_cli
+from kandinsky5.common import UserError, get_logger, parse_dtype, run_cli
 from kandinsky5.files import load_safetensors, save_safetensors
 from networks.lora import (
     FORMATS,
@@ -58,6 +60,8 @@ __all__ = [
     "training_metadata",
     "main",
 ]
+
+log = get_logger(__name__)
 
 NETWORK_MODULE = "networks.lora_kandinsky"
 _BLOCKS = r"(?:text|visual)_transformer_blocks\.\d+"
@@ -85,7 +89,8 @@ K5_SEGMENTS: tuple[str, ...] = (
     "pooled_text_embeddings",
     "visual_embeddings",
 )
-_NETWORK_ARGS = ("include_patterns", "exclude_patterns", "rank_dropout", "module_dropout", "dropout")
+_NETWORK_ARGS = ("include_patterns", "exclude_patterns", "rank_dropout", "module_dropout", "dropout",
+                 "loraplus_lr_ratio", "verbose")  # fmt: skip
 _MUSUBI_CALL_KWARGS = ("vae", "text_encoders", "text_encoder", "unet")  # accepted and ignored (musubi call shape)
 
 
@@ -118,6 +123,9 @@ def _parse_network_args(network_args: Mapping[str, object] | None) -> dict:
         if not 0.0 <= value < 1.0:
             raise ValueError(f"network_args {key} must be in [0, 1), got {value}")
         parsed[key] = value
+    ratio = args.get("loraplus_lr_ratio")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and ratio > 0):
+        raise ValueError(f"network_args loraplus_lr_ratio must be a positive number (e.g. 16), got {ratio!r}")
     return parsed
 
 
@@ -141,7 +149,7 @@ def create_network(
     args = _parse_network_args(network_args)
     if neuron_dropout:
         args["dropout"] = float(neuron_dropout)
-    return LoRANetwork(
+    network = LoRANetwork(
         dit,
         rank=network_dim or 4,
         alpha=1.0 if network_alpha is None else network_alpha,
@@ -149,6 +157,9 @@ def create_network(
         default_include=DEFAULT_INCLUDE_PATTERNS,
         **args,
     )
+    if (network_args or {}).get("verbose") in (True, "True", "true", 1):
+        log.info("LoRA targets (%d): %s", len(network.names), ", ".join(network.names))
+    return network
 
 
 def create_network_from_weights(

@@ -41,8 +41,8 @@ chain (12bsd) or, with fp8, a dequantised weight (fp32 copy and product, 8 B per
 Attention kernels (``--sdpa`` on CUDA runs the flash kernel for bf16; ``--flash_attn`` / ``--flash3`` are the
 same): saved q, k, v, out and an fp32 log-sum-exp, never the s x s scores.  NABLA (flex attention) saves the same
 plus its block mask -- int32 indices ``(b, h, N, N)``, N = s / 64, for the kv and the transposed q direction -- and
-builds the mask with fp32 probabilities, a sort (values + int64 order), a cumulative sum and an int64 argsort
-(:func:`nabla_mask_bytes`): small at 256 x 256 but gigabytes at Pro 10 s HD.
+builds the mask head chunk by head chunk with probabilities, a sort (values + int64 order) and an int64 argsort
+(:func:`nabla_mask_bytes`): small at 256 x 256, about a gigabyte at Pro 10 s HD.
 
 Optimizer state (fp32 LoRA): AdamW two fp32 moments (8 B/param) and one fp32 temporary per parameter in the
 foreach step; AdamW8bit (bitsandbytes) two uint8 moments + one fp32 absmax per 256 values (and two shared
@@ -274,23 +274,48 @@ def dequant_bytes(cfg: DiTConfig, fp8: bool) -> int:
     return 8 * cfg.model_dim * cfg.ff_dim if fp8 else 0
 
 
-def nabla_mask_bytes(cfg: DiTConfig, shape: StepShape, prob_bytes: int) -> int:
-    """NABLA block-mask construction (``nabla.block_mask``) per (b, h, N, N) element: the probabilities and their
-    sorted copy (``prob_bytes`` each: fp32 under autocast, the run dtype otherwise), the int64 sort order and its
-    int64 argsort, the kept flags, the gathered mask and its union with the STA prior (bool)."""
-    n = _blocks(shape.tokens)
-    return (2 * prob_bytes + 19) * shape.batch * cfg.num_heads * n * n
+def nabla_mask_bytes(cfg: DiTConfig, shape: StepShape, prob_bytes: int, training: bool) -> int:
+    """NABLA's mask work (``kandinsky5.model.nabla``): the bool (b, h, N, N) mask, plus the larger of
+
+    * ``block_mask``'s head chunk: probabilities and their sorted copy (``prob_bytes`` each: fp32 softmax under
+      autocast, the run dtype otherwise), the int64 sort order and the kept flags per element;
+    * the flex inputs of one sample: int32 kv indices (h, N, N), a chunk's int8 copy and int64 argsort, and in
+      training ``BlockMask``'s transposed (q-direction) indices: a dense int32 copy, an int64 argsort and two int32
+      results per element.
+    """
+    from kandinsky5.model import nabla
+
+    b, h, n = shape.batch, cfg.num_heads, _blocks(shape.tokens)
+    widest = max(c.stop - c.start for c in nabla._head_chunks(b, h, n))
+    mask, sample = b * h * n * n, h * n * n
+    select = widest * b * n * n * (2 * prob_bytes + 9)
+    kv_chunk = max(c.stop - c.start for c in nabla._head_chunks(1, h, n)) * n * n
+    flex = 4 * sample + max(9 * kv_chunk, (4 + 8 + 8) * sample if training else 0)
+    return mask + max(select, flex)
 
 
 def _attention_transient(cfg: DiTConfig, shape: StepShape, work: Workload, training: bool) -> tuple[int, str]:
     """Attention's working set beyond the saved set / block streams: q, k, v plus the kernel's own tensors."""
     b, s, a, d, h = shape.batch, shape.tokens, work.act_bytes, cfg.model_dim, cfg.num_heads
-    if work.attention == "nabla":
-        mask = nabla_mask_bytes(cfg, shape, 4 if training else a)
-        return mask + (0 if training else 3 * a * b * s * d), "NABLA block-mask construction"
+    if work.attention == "nabla" and not training:
+        return nabla_mask_bytes(cfg, shape, a, False) + 3 * a * b * s * d, "NABLA block-mask construction"
     if training:
         return 3 * a * b * s * d + 4 * b * s * d, f"{work.attention} backward: dq, dk, dv + fp32 dq accumulator"
     return 4 * a * b * s * d + 4 * b * h * s + 4 * b * s * d, f"{work.attention}: q, k, v, out, lse"
+
+
+def _self_attention_prefix(cfg: DiTConfig, shape: StepShape, work: Workload) -> int:
+    """Saved bytes of a visual block up to its self-attention kernel (first LayerNorm, modulated input, q/k
+    RMSNorm inputs, q, k, v and their LoRA rank activations): what exists while NABLA builds its mask."""
+    b, s, a, d, h = shape.batch, shape.tokens, work.act_bytes, cfg.model_dim, cfg.num_heads
+    return (
+        4 * b * s * d
+        + 8 * b * s
+        + a * b * s * d
+        + 2 * (4 * b * s * d + 4 * b * s * h)
+        + 3 * a * b * s * d
+        + (3 * a * work.lora_rank * b * s)
+    )
 
 
 def _ffn_backward(cfg: DiTConfig, shape: StepShape, work: Workload, fp8: bool) -> tuple[int, str]:
@@ -395,13 +420,19 @@ def _activation_phases(cfg: DiTConfig, shape: StepShape, work: Workload, sw: _Sw
     full = lora.params if work.accumulation > 1 else None
     out_layer = Term("largest transient", 12 * b * s * d + a * b * s * d, "output layer modulate (fp32)")
     forward_end = text + v0 + (nv - 1) * v + shared_saved_bytes(cfg, shape, work)
-    return [
+    phases = [
         ("the end of the forward", forward_end, out_layer, full or 0),
         ("the backward of the last block", text + v0 + (nv - 1) * v + shared + recompute, bwd,
          full or lora.grad_per_visual_block),
         ("the backward of the first visual block", text + v0 + shared + recompute, bwd,
          full or lora.grad_per_visual_block * nv),
     ]  # fmt: skip
+    if work.attention == "nabla":  # the mask is built in the (re)computed forward of the last block
+        mask = Term("largest transient", nabla_mask_bytes(cfg, shape, 4, True), "NABLA block-mask construction")
+        stored = text + v0 + (nv - 1) * v + shared_saved_bytes(cfg, shape, work)
+        phases.append(("NABLA's mask in the last block", stored + _self_attention_prefix(cfg, shape, work), mask,
+                       full or lora.grad_per_visual_block))  # fmt: skip
+    return phases
 
 
 def training_estimate(cfg: DiTConfig, shape: StepShape, memory, weights, work: Workload) -> Estimate:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from kandinsky5.common import UserError, get_logger, parse_dtype
+from kandinsky5.common import UserError, get_logger, parse_dtype, quiet_hf_progress
 from kandinsky5.files import read_safetensors_header
 
 __all__ = ["QWEN_TEMPLATES", "REAL_CROP_START", "TextEmbeds", "TextEncoder"]
@@ -188,6 +188,7 @@ def _resolve(path: str, what: str, model_types: tuple[str, ...]) -> None:
 
 def _from_pretrained(loader, name: str, what: str, **kwargs):
     """``loader(name)`` with every loading failure turned into one readable line."""
+    quiet_hf_progress()  # no "Loading weights" bar per model (the hub's download bars stay)
     try:
         return loader(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -59,6 +59,8 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     last_checkpoint: Path | None = None
     sampler: TrainingSampler | None = None
+    validator: Any = None  # kandinsky5.train.validation.Validator, None without validation items
+    monitor: Any = None  # kandinsky5.train.monitor.Monitor: console, trackers, history (saved in the state)
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -92,6 +94,8 @@ def resume_run(run: Run, path: Path) -> None:
     restore_rng(rng[run.ctx.rank], run.generator)
     run.seed, run.last_checkpoint = meta["seed"], path
     run.progress = Progress(meta["step"], meta["epoch"], meta["batches_in_epoch"])
+    if run.monitor is not None:
+        run.monitor.restore(path, run.progress.step)  # curves, moving average, run folder
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, *asdict(run.progress).values())
 
 
@@ -161,19 +165,23 @@ def _write_checkpoint(run: Run, path: Path, state: bool, rng: list[dict]) -> Non
     cfg = run.cfg
     with guarded_write(path, "LoRA") as tmp:  # renamed only after the state directory is complete
         run.module.save_lora(tmp, run.network, lora_metadata(run), format=cfg.save.format)
+        if run.monitor is not None:
+            run.monitor.on_save(run.progress.step, path)  # recorded in the history (saved in the state); loss.png
         if state:
             writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, state_info(run, path))
+            if run.monitor is not None:
+                writers.update(run.monitor.state_files())
             state_dir = write_state_dir(path.with_name(f"{path.stem}-state"), writers)
     run.last_checkpoint = state_dir if state else path
     log.info("saved %s%s", path, " (+ state)" if state else "")
 
 
 def save_and_rotate(run: Run, kind: str, number: int) -> None:
-    """A step or epoch checkpoint, then deletion of the older ones beyond --save_last_n_steps/epochs."""
+    """A step or epoch checkpoint, then deletion of the older LoRA files and state dirs (``SaveConfig.kept``)."""
     s = run.cfg.save
-    stem, keep = (f"-step{number:08d}", s.last_n_steps) if kind == "step" else (f"-{number:06d}", s.last_n_epochs)
+    stem = f"-step{number:08d}" if kind == "step" else f"-{number:06d}"
     save_checkpoint(run, s.output_name + stem, s.save_state)
-    if keep and run.ctx.is_main:
-        numbered = r"-step(\d+)" if kind == "step" else r"-(\d{6})"
-        pattern = f"{re.escape(s.output_name)}{numbered}(?:\\.safetensors|-state)"
-        rotate(s.output_dir, pattern, keep, number)
+    numbered = r"-step(\d+)" if kind == "step" else r"-(\d{6})"
+    for suffix, keep in ((r"\.safetensors", s.kept(kind, False)), ("-state", s.kept(kind, True))):
+        if keep and run.ctx.is_main:
+            rotate(s.output_dir, f"{re.escape(s.output_name)}{numbered}{suffix}", keep, number)

@@ -29,6 +29,7 @@ from kandinsky5.preflight import check_not_overwriting, check_output_dir, clean_
 from kandinsky5.train.config import TrainConfig
 from kandinsky5.train.distributed import DistContext, broadcast_object
 from kandinsky5.train.optim import optimizer_class, optimizer_class_name
+from kandinsky5.train.prechecks import create_network, import_network_module
 from kandinsky5.train.state import read_progress
 
 __all__ = ["add_safety_args", "MetaNetwork", "run_files", "estimate_output_bytes", "check_run"]
@@ -76,16 +77,9 @@ def meta_network(cfg: TrainConfig) -> MetaNetwork:
     from kandinsky5.model.dit import DiT
 
     n = cfg.network
-    try:
-        module = importlib.import_module(n.module)
-    except ImportError as exc:
-        raise UserError(f"--network_module {n.module}: cannot import it ({exc})") from None
+    module = import_network_module(n.module)
     with torch.device("meta"):
-        dit = DiT(cfg.task.dit, cfg.attention)
-        try:
-            network = module.create_network(1.0, n.dim, n.alpha, dit, dict(n.args), neuron_dropout=n.dropout)
-        except ValueError as exc:
-            raise UserError(f"LoRA network ({n.module}, --network_args): {exc}") from None
+        network = create_network(module, n, DiT(cfg.task.dit, cfg.attention))
     alpha = n.alpha if n.alpha else float(n.dim)
     return MetaNetwork(network, {k: tuple(v.shape) for k, v in network.state_dict().items()}, alpha)
 
@@ -162,6 +156,10 @@ def check_resume(cfg: TrainConfig, world_size: int, net: MetaNetwork | None) -> 
     asked_targets = {k: repr(n.args[k]) if k in n.args else None for k in targets}
     if "network_args" in meta and targets != asked_targets:
         raise _mismatch(path, "--network_args targets", targets, asked_targets)
+    saved_plus = "on" if "loraplus_lr_ratio" in meta.get("network_args", {}) else "off"
+    asked_plus = "on" if "loraplus_lr_ratio" in n.args else "off"
+    if "network_args" in meta and saved_plus != asked_plus:  # the optimizer's parameter groups differ
+        raise _mismatch(path, "LoRA+ (--network_args loraplus_lr_ratio)", saved_plus, asked_plus)
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
         _check_torch_file(path / name)
     if net is not None:
@@ -237,20 +235,26 @@ def _kept(total: int, every: int | None, last_n: int | None) -> int:
 
 
 def estimate_output_bytes(cfg: TrainConfig, lora_bytes: int, total_steps: int, steps_per_epoch: int) -> int:
-    """Bytes the run's checkpoints occupy at most: LoRA files kept, plus their states with --save_state."""
+    """Bytes the run's checkpoints occupy at most: LoRA files kept, plus their states (--save_state, rotated by
+    --save_last_n_*_state, or only the last one with --save_state_on_train_end)."""
     s = cfg.save
     epochs = -(-total_steps // max(1, steps_per_epoch))
-    files = 1 + _kept(total_steps, s.every_n_steps, s.last_n_steps) + _kept(epochs, s.every_n_epochs, s.last_n_epochs)
+
+    def count(state: bool) -> int:
+        return _kept(total_steps, s.every_n_steps, s.kept("step", state)) + _kept(
+            epochs, s.every_n_epochs, s.kept("epoch", state)
+        )
+
     factor = _OPTIMIZER_STATE_FACTOR.get(optimizer_class(cfg.optimizer.type)[0].__name__, 2.0)
-    state = lora_bytes * (1 + factor) + (1 << 20) if s.save_state else 0
-    return int(files * (lora_bytes + state))
+    states = 1 + count(True) if s.save_state else int(s.state_on_train_end)
+    return int((1 + count(False)) * lora_bytes + states * (lora_bytes * (1 + factor) + (1 << 20)))
 
 
 def _check_room(cfg: TrainConfig, lora_bytes: int, total_steps: int, steps_per_epoch: int) -> None:
     need = estimate_output_bytes(cfg, lora_bytes, total_steps, steps_per_epoch)
     check_output_dir(cfg.save.output_dir, "--output_dir", need, "lower --save_last_n_steps / --save_last_n_epochs")
-    if cfg.logging_dir is not None:
-        check_output_dir(cfg.logging_dir, "--logging_dir")
+    if cfg.tracking.logging_dir is not None:  # the default, <output_dir>/logs, is covered by the check above
+        check_output_dir(cfg.tracking.logging_dir, "--logging_dir")
 
 
 # ------------------------------------------------------------------------------------------------------------
