@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -265,7 +266,8 @@ def tracked_peak(case: Case) -> tuple[int, float]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     start, cpu = time.perf_counter(), torch.device("cpu")
-    with FakeTensorMode(), fake_storage_pointers(), _patched_nabla(case.nabla):
+    with FakeTensorMode(), fake_storage_pointers(), _patched_nabla(case.nabla), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # block swap's checks
         dit, net, _, swapper = build(case, cpu)
         params, opt = _optimizer(net)
         tracker = StepTracker()
