@@ -149,17 +149,67 @@ def test_docs_card_table_is_the_tools_output():
     assert card_table() in (ROOT / "docs" / "memory.md").read_text()
 
 
-def test_does_not_fit_is_reported_before_any_weight_loads(tiny_bundle, tmp_path, capsys, caplog):
+def _refuse(what: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} was called")
+
+    return fail
+
+
+def test_does_not_fit_is_reported_before_any_weight_loads(tiny_bundle, tmp_path, capsys, monkeypatch):
+    from kandinsky5.memory import build
+    from kandinsky5.model.text_encoders import TextEncoder
     from tests.test_train_cli import base_args, train
     from tests.test_training import write_toy_cache
 
+    monkeypatch.setattr(build, "load_dit", _refuse("load_dit"))  # no DiT weight may be read
+    monkeypatch.setattr(TextEncoder, "load", _refuse("TextEncoder.load"))
     toml = write_toy_cache(tmp_path / "toy", n_items=2)
-    with caplog.at_level("INFO"):
-        assert train(base_args(tiny_bundle, toml, tmp_path / "out") + ["--vram_budget_gb", "0.01"]) == 1
+    assert train(base_args(tiny_bundle, toml, tmp_path / "out") + ["--vram_budget_gb", "0.01"]) == 1
     err = capsys.readouterr().err
     assert "does not fit the 0.01 GiB budget (--vram_budget_gb 0.01)" in err and err.count("\n") == 1, err
-    assert "loaded DiT" not in caplog.text and "memory plan for training" in caplog.text
+    assert "add " in err and "or pass a larger --vram_budget_gb" in err
     assert not (tmp_path / "out" / "lora.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_trainer_auto_with_a_budget_trains_with_its_choice(tiny_bundle, tmp_path, monkeypatch):
+    from kandinsky5.train import memory_check
+    from tests.test_train_cli import base_args, train
+    from tests.test_training import write_toy_cache
+
+    chosen = []
+    original = memory_check.check_memory
+    monkeypatch.setattr(memory_check, "check_memory", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    toml = write_toy_cache(tmp_path / "toy", n_items=2)
+    args = base_args(tiny_bundle, toml, tmp_path / "out", steps=1)
+    assert train(args + ["--blocks_to_swap", "auto", "--vram_budget_gb", "40"]) == 0
+    assert len(chosen) == 1 and not chosen[0].auto_swap and chosen[0].blocks_to_swap == 0
+    assert (tmp_path / "out" / "lora.safetensors").exists()
+
+
+def test_generator_refuses_auto_without_a_budget_and_a_misfit_before_loading(
+    tiny_bundle, tmp_path, capsys, monkeypatch
+):
+    from kandinsky5.cli import run_main
+    from kandinsky5.memory import build
+    from kandinsky5.model.text_encoders import TextEncoder
+
+    monkeypatch.setattr(build, "load_dit", _refuse("load_dit"))
+    monkeypatch.setattr(TextEncoder, "load", _refuse("TextEncoder.load"))
+    main = load_module(ROOT / "kandinsky5_generate_video.py", "kandinsky5_generate_video").main
+    models = ["--task", "k5-tiny-t2v", "--dit", str(tiny_bundle / "model" / "k5_tiny_t2v.safetensors"), "--vae",
+              str(tiny_bundle / "vae"), "--text_encoder_qwen", str(tiny_bundle / "text_encoder"),
+              "--text_encoder_clip", str(tiny_bundle / "text_encoder2")]  # fmt: skip
+    argv = [*models, "--prompt", "a cat", "--output", str(tmp_path / "x.mp4"), "--blocks_to_swap", "auto"]
+    assert run_main(main, argv) == 1
+    err = capsys.readouterr().err
+    assert "--blocks_to_swap auto needs a memory budget" in err and "--vram_budget_gb" in err
+    assert err.count("\n") == 1 and not (tmp_path / "x.mp4").exists()
+    assert run_main(main, [*argv[:-2], "--vram_budget_gb", "0.01"]) == 1
+    err = capsys.readouterr().err
+    assert "the predicted peak" in err and "(the sampling step) does not fit the 0.01 GiB budget" in err
+    assert err.count("\n") == 1
 
 
 def test_pro_example_of_the_issue_is_near_the_fake_tracker_estimate():
@@ -170,31 +220,3 @@ def test_pro_example_of_the_issue_is_near_the_fake_tracker_estimate():
     assert abs(state / GIB - 1.6) < 0.05
     assert 24.5 < fit.train.tensors / GIB < 26.5, fit.train.table()
     assert PRO_DIT.num_visual_blocks == 60
-
-
-@pytest.mark.slow
-def test_trainer_auto_with_a_budget_logs_its_choice(tiny_bundle, tmp_path, caplog):
-    from tests.test_train_cli import base_args, train
-    from tests.test_training import write_toy_cache
-
-    toml = write_toy_cache(tmp_path / "toy", n_items=2)
-    with caplog.at_level("INFO"):
-        args = base_args(tiny_bundle, toml, tmp_path / "out", steps=1)
-        assert train(args + ["--blocks_to_swap", "auto", "--vram_budget_gb", "40"]) == 0
-    assert "--blocks_to_swap auto (--vram_budget_gb 40): --blocks_to_swap 0: predicted peak" in caplog.text
-    assert "block swap 0 |" in caplog.text and (tmp_path / "out" / "lora.safetensors").exists()
-
-
-def test_generator_auto_without_cuda_or_budget_is_one_line_before_loading(tiny_bundle, tmp_path, capsys, caplog):
-    from kandinsky5.cli import run_main
-
-    main = load_module(ROOT / "kandinsky5_generate_video.py", "kandinsky5_generate_video").main
-    models = ["--task", "k5-tiny-t2v", "--dit", str(tiny_bundle / "model" / "k5_tiny_t2v.safetensors"), "--vae",
-              str(tiny_bundle / "vae"), "--text_encoder_qwen", str(tiny_bundle / "text_encoder"),
-              "--text_encoder_clip", str(tiny_bundle / "text_encoder2")]  # fmt: skip
-    argv = [*models, "--prompt", "a cat", "--output", str(tmp_path / "x.mp4"), "--blocks_to_swap", "auto"]
-    with caplog.at_level("INFO"):
-        assert run_main(main, argv) == 1
-    err = capsys.readouterr().err
-    assert "--blocks_to_swap auto needs a memory budget" in err and "--vram_budget_gb" in err
-    assert err.count("\n") == 1 and "loading text encoders" not in caplog.text and not (tmp_path / "x.mp4").exists()
