@@ -220,3 +220,17 @@ def test_pro_example_of_the_issue_is_near_the_fake_tracker_estimate():
     assert abs(state / GIB - 1.6) < 0.05
     assert 24.5 < fit.train.tensors / GIB < 26.5, fit.train.table()
     assert PRO_DIT.num_visual_blocks == 60
+
+
+def test_fsdp_plans_one_ranks_shards_and_never_swaps():
+    single = Planner(_pro_run()).evaluate(MemoryConfig(fp8=True, gradient_checkpointing=True))
+    run = _pro_run(fsdp_world=4)
+    run = dataclasses.replace(run, work=dataclasses.replace(run.work, shards=4))
+    planner = Planner(run)
+    sharded = planner.evaluate(MemoryConfig(fp8=True, gradient_checkpointing=True))
+    assert planner.max_swap() == 0 and sharded.weights.streamed == 0
+    weights = next(t.nbytes for t in sharded.train.terms if t.label == "weights (resident)")
+    assert 6.0 < weights / 1e9 < 7.0  # docs/memory.md: Pro fp8, 4 GPUs, 6.47 GB per rank
+    assert sharded.peak < single.peak - 15 * GIB
+    fit, _ = planner.auto(MemoryConfig(fp8=True, auto_swap=True), 12 * GIB)
+    assert fit.memory.blocks_to_swap == 0 and fit.memory.gradient_checkpointing

@@ -127,6 +127,7 @@ class Workload:
     act_bytes: int = 2  # activation itemsize: 2 bf16 autocast / bf16 run, 4 fp32
     runtime_lora: bool = True  # sampling: LoRA branches un-merged (sampling during training)
     accumulation: int = 1  # gradient accumulation: from the second micro-batch on every LoRA gradient exists
+    shards: int = 1  # --fsdp ranks: the LoRA, its gradients and optimizer state are split over them
 
 
 @dataclass(frozen=True)
@@ -389,8 +390,8 @@ class _LoRA:
 def _lora(cfg: DiTConfig, work: Workload) -> _LoRA:
     default = lora_shapes(cfg, work.lora_rank)
     shapes = list(work.lora) if work.lora is not None else default
-    params = 4 * sum(a * b for a, b in shapes)
-    state, temp = optimizer_state_bytes(work.optimizer, shapes)
+    params = 4 * sum(a * b for a, b in shapes) // work.shards
+    state, temp = (x // work.shards for x in optimizer_state_bytes(work.optimizer, shapes))
     per_visual = 4 * work.lora_rank * (18 * cfg.model_dim + 2 * cfg.ff_dim)  # default targets, scaled to the real set
     per_visual = per_visual * params // max(1, 4 * sum(a * b for a, b in default))
     return _LoRA(params, state, temp, per_visual)

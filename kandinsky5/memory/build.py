@@ -52,6 +52,7 @@ __all__ = [
     "MemoryConfig",
     "memory_config_from_args",
     "build_dit",
+    "meta_dit",
     "offload_dit",
     "restore_dit",
     "BlockSwapper",
@@ -279,6 +280,21 @@ def _load_transform(quantize: set[str], streamed: list[str], device: torch.devic
     return LoadTransform(fn, frozenset(f"{m}.scale_weight" for m in quantize))
 
 
+def meta_dit(task: TaskConfig, dit_path: str | Path, attention: AttentionSpec | None, memory: MemoryConfig):
+    """(meta DiT with the fp8 layers of ``memory`` in place, checkpoint header, modules to quantise while loading,
+    the conversion to apply to another meta copy) -- no tensor data is read."""
+    header = read_header(checkpoint_files(dit_path))
+    with torch.device("meta"):
+        meta = DiT(task.dit, attention)
+    prequant, quantize = _fp8_layout(meta, memory, header)
+
+    def convert(model: DiT) -> None:
+        fp8.convert_to_fp8(model, fast=memory.fp8_fast, targets=[*prequant, *sorted(quantize)], scale_shapes=prequant)
+
+    convert(meta)
+    return meta, header, quantize, convert
+
+
 def build_dit(
     task: TaskConfig,
     dit_path: str | Path,
@@ -292,15 +308,7 @@ def build_dit(
     device = torch.device(device)
     if memory.fp8_fast:
         fp8.check_fp8_fast(device)
-    header = read_header(checkpoint_files(dit_path))
-    with torch.device("meta"):
-        meta = DiT(task.dit, attention)
-    prequant, quantize = _fp8_layout(meta, memory, header)
-
-    def convert(model: DiT) -> None:
-        fp8.convert_to_fp8(model, fast=memory.fp8_fast, targets=[*prequant, *sorted(quantize)], scale_shapes=prequant)
-
-    convert(meta)
+    meta, header, quantize, convert = meta_dit(task, dit_path, attention, memory)
     streamed = streamed_block_names(meta, memory.blocks_to_swap)
     plan = memory_plan(meta, dtype, memory.blocks_to_swap, stored=stored_dtypes(header))
     log.info("memory: %s", memory.describe())

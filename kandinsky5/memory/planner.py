@@ -30,7 +30,7 @@ import torch
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.memory.activations import GIB, Estimate, StepShape, Workload, sampling_estimate, training_estimate
-from kandinsky5.memory_plan import MemoryPlan, max_blocks_to_swap, memory_plan, stored_dtypes
+from kandinsky5.memory_plan import MemoryPlan, max_blocks_to_swap, memory_plan, sharded_plan, stored_dtypes
 
 __all__ = ["FREE_RESERVE", "RunPlan", "Fit", "Planner", "device_budget", "check_memory", "format_gib"]
 
@@ -54,6 +54,7 @@ class RunPlan:
     sample_shapes: tuple[StepShape, ...] = ()
     header: dict | None = None  # checkpoint header (read_header format): stored dtypes, pre-quantised layers
     checkpoint_dtype: torch.dtype | None = None  # without a header: the dtype the checkpoint is assumed to have
+    fsdp_world: int = 0  # --fsdp over this many ranks: sharded weights (memory_plan.sharded_plan), no block swap
 
     @property
     def training(self) -> bool:
@@ -110,14 +111,20 @@ class Planner:
         return self._metas[(fp8_on, fast)]
 
     def weights(self, fp8_on: bool, fast: bool, swap: int) -> MemoryPlan:
-        """Exact weight bytes (``memory_plan``) for these switches, cached."""
+        """Exact weight bytes (``memory_plan``; per rank under ``--fsdp``) for these switches, cached."""
         key = (fp8_on, fast, swap)
         if key not in self._plans:
-            self._plans[key] = memory_plan(self._meta(fp8_on, fast), self.run.dtype, swap, stored=self.stored)
+            meta, dtype = self._meta(fp8_on, fast), self.run.dtype
+            plan = memory_plan(meta, dtype, swap, stored=self.stored)
+            if self.run.fsdp_world > 1:  # one rank's shards + the gathered root and blocks, as resident bytes
+                peak = sharded_plan(meta, dtype, self.run.fsdp_world, stored=self.stored).peak
+                plan = dataclasses.replace(plan, gpu_fp8=0, gpu_hp=peak, gpu_staging=0, cpu_swapped=0, streamed=0)
+            self._plans[key] = plan
         return self._plans[key]
 
     def max_swap(self) -> int:
-        return max_blocks_to_swap(self._meta(False, False))
+        """The largest ``--blocks_to_swap`` (0 under ``--fsdp``, which refuses block swap)."""
+        return 0 if self.run.fsdp_world > 1 else max_blocks_to_swap(self._meta(False, False))
 
     def evaluate(self, memory) -> Fit:
         """Worst training bucket and worst sampling call for ``memory`` (a resolved MemoryConfig)."""

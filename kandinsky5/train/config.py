@@ -14,6 +14,7 @@ import torch
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.model import flow
+from kandinsky5.train.distributed import DistributedConfig
 from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig
 from kandinsky5.train.tracker import TrackerConfig
 
@@ -127,6 +128,7 @@ class TrainConfig:
     num_workers: int = 1
     persistent_workers: bool = False
     resume: Path | None = None
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     overwrite: bool = False  # --overwrite: an earlier run's files in --output_dir may be replaced
     allow_stale_cache: bool = False  # --allow_stale_cache: caches made with other settings only warn
     tracking: TrackerConfig = field(default_factory=TrackerConfig)

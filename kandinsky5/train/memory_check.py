@@ -48,16 +48,20 @@ def training_shapes(task, items) -> tuple[StepShape, ...]:
     return distinct([StepShape(b, 4 * (t - 1) + 1, h * 8, w * 8, task.text_max_length) for b, (t, h, w) in shapes])
 
 
-def check_training_memory(cfg: TrainConfig, device: torch.device, items, requests) -> TrainConfig:
-    """Plan and check (see ``planner.check_memory``); the returned config has ``auto`` resolved."""
+def check_training_memory(cfg: TrainConfig, ctx, items, requests) -> TrainConfig:
+    """Plan and check one rank (``ctx``: the DistContext; see ``planner.check_memory``); the returned config has
+    ``auto`` resolved.  Under ``--fsdp`` the weights, the LoRA and its optimizer state are one rank's shards."""
     from kandinsky5.model.loading import checkpoint_files, read_header
 
+    shards = ctx.world_size if cfg.distributed.fsdp else 1
     work = Workload(lora_rank=cfg.network.dim, lora=lora_shapes_of(cfg), optimizer=optimizer_kind(cfg.optimizer.type),
                     attention="nabla" if cfg.attention.nabla else cfg.attention.backend, nabla=cfg.attention.nabla,
-                    act_bytes=2 if cfg.autocast else 4, accumulation=cfg.gradient_accumulation_steps)  # fmt: skip
+                    act_bytes=2 if cfg.autocast else 4, accumulation=cfg.gradient_accumulation_steps,
+                    shards=shards)  # fmt: skip
     samples = distinct([sampling_shape(cfg.task, r) for r in requests])
-    run = RunPlan(cfg.task, cfg.weight_dtype, work, training_shapes(cfg.task, items), samples,
-                  header=read_header(checkpoint_files(cfg.dit_path)))  # fmt: skip
+    header = read_header(checkpoint_files(cfg.dit_path))
+    run = RunPlan(cfg.task, cfg.weight_dtype, work, training_shapes(cfg.task, items), samples, header=header,
+                  fsdp_world=shards if shards > 1 else 0)  # fmt: skip
     what = f"training ({len(run.train_shapes)} bucket(s), {len(samples)} sampling shape(s))"
-    memory = check_memory(Planner(run), cfg.memory, device, what)
+    memory = check_memory(Planner(run), cfg.memory, ctx.device, what)
     return dataclasses.replace(cfg, memory=memory)
