@@ -41,6 +41,7 @@ from kandinsky5.cli import (
 from kandinsky5.common import UserError, get_logger, parse_dtype, resolve_device
 from kandinsky5.configs import TaskConfig, latent_frames
 from kandinsky5.files import load_safetensors, read_safetensors_header, save_safetensors
+from kandinsky5.memory.planner import check_generation_memory
 from kandinsky5.musubi_compat import add_musubi_args
 from kandinsky5.preflight import check_output_files, warn_task_mismatch
 from kandinsky5.sampling.pipeline import GenerationRequest, GenerationResult, Kandinsky5Pipeline, request_from_line
@@ -452,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     media_paths, latent_paths = _plan_outputs(args, requests)
     attention, memory = _check_model_inputs(args, task)
     step_cache, requests = _magcache_setup(args, task, requests)
+    runtime = bool(args.lora_weight) and args.lora_mode == "runtime"
+    memory = check_generation_memory(task, args.dit, device, dtype, attention, memory, requests, runtime)
     if not args.vae and (args.output or any(r.image is not None for r in requests)):
         raise UserError("--vae is required (it decodes the video and encodes conditioning images)")
     if not (args.text_encoder_qwen and args.text_encoder_clip):

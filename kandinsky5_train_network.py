@@ -366,6 +366,7 @@ def setup(cfg: TrainConfig, ctx: DistContext, requests: list):
     from kandinsky5.model.loading import file_fingerprint
     from kandinsky5.model.nabla import check_geometry
     from kandinsky5.model.vae import vae_file_identity
+    from kandinsky5.train.memory_check import check_training_memory
 
     seed = broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
     dataset_cfg = load_dataset_config(cfg.dataset_config)
@@ -383,6 +384,7 @@ def setup(cfg: TrainConfig, ctx: DistContext, requests: list):
     if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
         for _, h, w in sorted({i.shape for i in items + val_items}):
             check_geometry(h // 2, w // 2)
+    cfg = check_training_memory(cfg, ctx, items, requests)  # weights + activations vs the budget; auto
     train_args.apply_cuda_switches(cfg.cuda_allow_tf32, cfg.cudnn_benchmark)
     training_sampler = None
     if requests and (ctx.is_main or cfg.distributed.fsdp):  # rank 0 samples (all ranks in lockstep under --fsdp)

@@ -25,6 +25,7 @@ SCRIPTS = {
     "bench_train_step.py": 1,
     "bench_memory.py": 3,
     "bench_transients.py": 2,
+    "bench_activations.py": 1,
     "bench_distributed.py": 2,
 }
 

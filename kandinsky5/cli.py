@@ -112,7 +112,20 @@ def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> 
     g.add_argument("--fp8_base", action="store_true", help="store the DiT's large linear weights in fp8 (e4m3)")
     g.add_argument("--fp8_scaled", action="store_true", help="accepted for musubi compatibility; fp8 is always scaled")
     g.add_argument("--fp8_fast", action="store_true", help="with --fp8_base: fp8 scaled matmul on GPUs that have it")
-    g.add_argument("--blocks_to_swap", type=int, default=0, help="transformer blocks kept in CPU memory and streamed")
+    g.add_argument(
+        "--blocks_to_swap",
+        type=swap_count,
+        default=0,
+        help="transformer blocks kept in CPU memory and streamed (default 0); 'auto': the smallest count whose "
+        "predicted peak fits --vram_budget_gb (training: turning on checkpointing, then its offload, if needed)",
+    )
+    g.add_argument(
+        "--vram_budget_gb",
+        type=float,
+        default=None,
+        help="GPU memory the start-up plan may use, in GiB (a '24 GB' card has 24 GiB); default: the device's "
+        "free memory minus 0.25 GiB; required by --blocks_to_swap auto without CUDA",
+    )
     _add_on_off(
         g, "--use_pinned_memory_for_block_swap", "--no_pinned_memory_for_block_swap",
         "pin the swapped blocks' CPU memory so copies overlap compute (default: on when CUDA is present)",
@@ -166,6 +179,16 @@ def add_magcache_args(parser: argparse.ArgumentParser, calibrate: bool = True) -
         g.add_argument("--magcache_calibrate", default=None, metavar="FILE",
                        help="run every step, measure this model's MagCache ratios and write them to FILE (JSON with "
                        "task, checkpoint hash, steps) for --magcache_ratios; default off")  # fmt: skip
+
+
+def swap_count(value: str) -> int | str:
+    """``--blocks_to_swap`` value: a block count or ``auto``."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of blocks or 'auto', got {value!r}") from None
 
 
 def add_config_file_arg(parser: argparse.ArgumentParser) -> None:

@@ -219,3 +219,16 @@ def sharded_plan(
             root += nbytes
     gather = sum(sorted(per_block.values())[-STAGING:])
     return ShardedPlan(world_size, full, shard, root, gather)
+
+
+def main(argv=None) -> int:
+    """``python -m kandinsky5.memory_plan``: weights + activations plan and the auto choice (``memory.plan_cli``)."""
+    from kandinsky5.memory.plan_cli import main as plan_main
+
+    return plan_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -88,10 +88,13 @@ class MemoryConfig:
     gradient_checkpointing: bool = False  # --gradient_checkpointing (training)
     activation_cpu_offload: bool = False  # --gradient_checkpointing_cpu_offload (training; needs checkpointing)
     offload_during_sampling: bool = False  # --offload_dit_during_sampling
+    auto_swap: bool = False  # --blocks_to_swap auto: resolved by kandinsky5.memory.planner before loading
+    vram_budget_gb: float | None = None  # --vram_budget_gb (GiB); None: the device's free memory
 
     def describe(self) -> str:
         fp8_txt = f"fp8 {'on' if self.fp8 else 'off'}" + (" (fast matmul)" if self.fp8_fast else "")
-        swap = f"block swap {self.blocks_to_swap}" + (" (pageable)" if self.blocks_to_swap and not self.pinned else "")
+        swap = "block swap auto" if self.auto_swap else f"block swap {self.blocks_to_swap}"
+        swap += " (pageable)" if self.blocks_to_swap and not self.pinned else ""
         ckpt = "gradient checkpointing " + ("on" if self.gradient_checkpointing else "off")
         ckpt += " (+ CPU activation offload)" if self.activation_cpu_offload else ""
         off = "offload during sampling " + ("on" if self.offload_during_sampling else "off")
@@ -103,8 +106,9 @@ def memory_config_from_args(args) -> MemoryConfig:
     fp8_on = bool(args.fp8_base or args.fp8_scaled)
     if args.fp8_fast and not fp8_on:
         raise UserError("--fp8_fast needs --fp8_base (it is the matmul of fp8 weights); add --fp8_base")
-    if args.blocks_to_swap < 0:
-        raise UserError(f"--blocks_to_swap must be >= 0, got {args.blocks_to_swap}")
+    auto = args.blocks_to_swap == "auto"
+    if not auto and args.blocks_to_swap < 0:
+        raise UserError(f"--blocks_to_swap must be >= 0 or auto, got {args.blocks_to_swap}")
     ckpt = bool(getattr(args, "gradient_checkpointing", False))
     offload = bool(getattr(args, "gradient_checkpointing_cpu_offload", False))
     if offload and not ckpt:
@@ -117,11 +121,13 @@ def memory_config_from_args(args) -> MemoryConfig:
     return MemoryConfig(
         fp8=fp8_on,
         fp8_fast=bool(args.fp8_fast),
-        blocks_to_swap=int(args.blocks_to_swap),
+        blocks_to_swap=0 if auto else int(args.blocks_to_swap),
         pinned=args.use_pinned_memory_for_block_swap is not False,
         gradient_checkpointing=ckpt,
         activation_cpu_offload=offload,
         offload_during_sampling=bool(args.offload_dit_during_sampling),
+        auto_swap=auto,
+        vram_budget_gb=getattr(args, "vram_budget_gb", None),
     )
 
 

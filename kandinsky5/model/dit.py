@@ -383,8 +383,9 @@ class DiT(nn.Module):
         del visual  # keep only the shape: the embedding output is not needed after the first block
         if perm is not None:
             tokens, rope = tokens[:, perm], (rope[0][perm], rope[1][perm])
-        if visual_blocks is None:
-            tokens = self.run_visual_blocks(tokens, text, time_embed, rope, text_mask, self_attend)
+        if visual_blocks is None:  # the loop inline: a call would keep its input tokens alive through every block
+            for block in self.visual_transformer_blocks:
+                tokens = block(tokens, text, time_embed, rope, text_mask, self_attend)
         else:
             tokens = visual_blocks(self.run_visual_blocks, tokens, text, time_embed, rope, text_mask, self_attend)
         if perm is not None:
