@@ -4,9 +4,10 @@ Discovery (``discover_items``) globs every ``[[datasets]]`` cache directory for 
 text cache of its ``item_key`` and checks both *headers* up front (no tensor data is read), so a missing, damaged
 or mismatched cache fails before the DiT is loaded, with a message naming the script to re-run.  Checked:
 
-* text caches match ``dataset.caching.text_expect(task)`` (the task's template and max length -- the video template
-  and 256 tokens for every video task, image and video datasets alike -- and task family) and their Qwen / CLIP
-  widths equal the task's DiT (``in_text_dim`` / ``in_text_dim2``), so a cache of another model is refused;
+* text caches match ``dataset.caching.text_expect(task)`` (the task's max length -- 256 tokens for every video
+  task -- and task family), hold the prompt template each of their clips needs (``configs.prompt_template``: one
+  frame "image", longer clips the task's "video", as the official sampler), and their Qwen / CLIP widths equal
+  the task's DiT (``in_text_dim`` / ``in_text_dim2``), so a cache of another model is refused;
 * latent caches match ``dataset.caching.latent_expect()`` (stage, format version);
 * every latent cache has ``latents_image`` when the task is I2V.
 
@@ -26,8 +27,10 @@ One copy of the text per sample: the trainer never repeats it per frame (musubi 
 
 Batching (``BucketBatchSampler``): each dataset's items are grouped by latent shape ``(T, h, w)`` into batches of
 that dataset's ``batch_size`` with ``num_repeats`` (``dataset.buckets.make_batches``), the batches of all datasets
-are shuffled together with ``random.Random(seed + epoch)``, the list is padded by wrapping around to a multiple of
-the world size and rank ``r`` takes batches ``r, r + W, ...``.  ``set_epoch(epoch, skip)`` restarts the order and
+are shuffled together with ``random.Random(seed + epoch)``, the list is padded by wrapping around (as many times as
+needed, so fewer batches than ranks works too) to a multiple of the world size and rank ``r`` takes batches
+``r, r + W, ...``: every rank gets the same number of batches, which DDP and FSDP need (each rank runs the same
+number of forwards and backwards).  ``set_epoch(epoch, skip)`` restarts the order and
 skips the first ``skip`` batches of this rank (exact mid-epoch resume).  Everything is a pure function of
 ``(seed, epoch)``: no RNG state is involved.
 """
@@ -40,24 +43,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch.utils.data import Dataset, Sampler
 
 from dataset.buckets import make_batches
 from dataset.cache import (
     CacheError,
+    cache_templates,
     list_cache_files,
     read_cache_meta,
+    read_cache_shapes,
     read_latent_cache,
     read_text_cache,
     text_cache_path,
 )
 from dataset.caching import latent_expect, text_expect
 from dataset.config import DatasetConfig
-from kandinsky5.common import UserError
-from kandinsky5.configs import TaskConfig
+from kandinsky5.common import UserError, get_logger
+from kandinsky5.configs import TaskConfig, prompt_template
 
 __all__ = ["CachedItem", "discover_items", "LatentDataset", "collate", "BucketBatchSampler"]
+
+log = get_logger(__name__)
 
 _TE_SCRIPT = "kandinsky5_cache_text_encoder_outputs.py"
 _LATENT_SCRIPT = "kandinsky5_cache_latents.py"
@@ -73,6 +79,8 @@ class CachedItem:
     dataset_index: int
     batch_size: int
     num_repeats: int
+    item_key: str = ""  # the media item (all clips of one video share it); the validation split hashes it
+    template: str = "video"  # prompt template of the text embeddings this clip trains with
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -81,12 +89,18 @@ class CachedItem:
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return read_cache_shapes(path)
 
 
-def _check_text(path: Path, task: TaskConfig) -> None:
-    read_cache_meta(path, "text", text_expect(task))  # CacheError names the script to re-run
+def _check_text(path: Path, task: TaskConfig, templates: set[str]) -> None:
+    meta = read_cache_meta(path, "text", text_expect(task))  # CacheError names the script to re-run
+    missing = sorted(templates - set(cache_templates(meta)))
+    if missing:
+        raise CacheError(
+            f"{path}: text cache holds the {', '.join(map(repr, cache_templates(meta)))} prompt template(s) but "
+            f"clips of this item need {', '.join(map(repr, missing))} (1-frame clips are conditioned with 'image', "
+            f"as at inference); re-run {_TE_SCRIPT} to rebuild it"
+        )
     shapes = _tensor_shapes(path)
     widths = (shapes["text_embeds"][-1], shapes["pooled_embed"][-1])
     wanted = (task.dit.in_text_dim, task.dit.in_text_dim2)
@@ -120,14 +134,18 @@ def discover_items(config: DatasetConfig, task: TaskConfig) -> list[CachedItem]:
                     f"{spec.name}: no latent caches in {spec.cache_directory}; run {_LATENT_SCRIPT} "
                     f"--dataset_config {config.path} first"
                 )
-            checked: set[Path] = set()
+            found = []
             for path in latents:
                 shape, key = _latent_shape(path, task)
-                text = text_cache_path(spec.cache_directory, key)
-                if text not in checked:
-                    _check_text(text, task)
-                    checked.add(text)
-                items.append(CachedItem(path, text, shape, spec.index, spec.batch_size, spec.num_repeats))
+                template = prompt_template(4 * (shape[0] - 1) + 1, task)
+                found.append(CachedItem(path, text_cache_path(spec.cache_directory, key), shape, spec.index,
+                                        spec.batch_size, spec.num_repeats, key, template))  # fmt: skip
+            needs: dict[Path, set[str]] = {}
+            for item in found:
+                needs.setdefault(item.text_path, set()).add(item.template)
+            for text, templates in needs.items():
+                _check_text(text, task, templates)
+            items += found
     except CacheError as exc:
         raise UserError(str(exc)) from None
     return items
@@ -151,7 +169,7 @@ class LatentDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]
         latent = read_latent_cache(item.latent_path)
-        text = read_text_cache(item.text_path)
+        text = read_text_cache(item.text_path, template=item.template)
         sample = {"latents": latent.latents, "text_embeds": text.embeds, "pooled": text.pooled}
         if self.with_image:
             sample["latents_image"] = latent.latents_image
@@ -191,13 +209,18 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.items = list(items)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.skip = 0, 0
+        count = len(self._shuffled(0))
+        if count == 0:
+            raise UserError("the dataset config yields no batches (no cached items); check its cache directories")
+        if count < world_size and rank == 0:
+            log.warning("%d batch(es) per epoch for %d processes: some processes repeat batches in every epoch",
+                        count, world_size)  # fmt: skip
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Order of ``epoch``; the first ``skip`` batches of this rank are left out (resume)."""
         self.epoch, self.skip = epoch, skip
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """All ranks' batches of ``epoch`` (before sharding), padded to a multiple of the world size."""
+    def _shuffled(self, epoch: int) -> list[list[int]]:
         batches: list[list[int]] = []
         for index in sorted({it.dataset_index for it in self.items}):
             members = [i for i, it in enumerate(self.items) if it.dataset_index == index]
@@ -210,8 +233,14 @@ class BucketBatchSampler(Sampler[list[int]]):
                 seed=self.seed + epoch,
             )
         random.Random(self.seed + epoch).shuffle(batches)
+        return batches
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All ranks' batches of ``epoch`` (before sharding), padded by wrapping around (several times when there
+        are fewer batches than ranks) to a multiple of the world size."""
+        batches = self._shuffled(epoch)
         pad = -len(batches) % self.world_size
-        return batches + batches[:pad]
+        return batches + [batches[i % len(batches)] for i in range(pad)]
 
     def __iter__(self) -> Iterator[list[int]]:
         mine = self.epoch_batches(self.epoch)[self.rank :: self.world_size]

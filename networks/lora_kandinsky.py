@@ -18,6 +18,8 @@ targeted unless included: the modulation linears, the embeddings and ``out_layer
 ``rank_dropout``       float, per-sample dropout over the rank dimension (training only)
 ``module_dropout``     float, probability of skipping a module's LoRA branch per call (training only)
 ``dropout``            float, dropout on the rank activations (same as ``neuron_dropout`` / --network_dropout)
+``loraplus_lr_ratio``  float > 0, LoRA+: the trainer gives the ``lora_up`` weights ``ratio`` x the learning rate
+``verbose``            bool, log every targeted module (as musubi)
 =====================  ================================================================================
 
 Files: ``save_lora`` writes ``diffusers`` keys (default: loads in ComfyUI, diffusers and the official repo),
@@ -34,11 +36,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from kandinsky5.common import atomic_path, parse_dtype
+from kandinsky5.common import UserError, get_logger, parse_dtype, run_cli
+from kandinsky5.files import load_safetensors, save_safetensors
 from networks.lora import (
     FORMATS,
     LoRANetwork,
@@ -61,6 +62,8 @@ __all__ = [
     "training_metadata",
     "main",
 ]
+
+log = get_logger(__name__)
 
 NETWORK_MODULE = "networks.lora_kandinsky"
 _BLOCKS = r"(?:text|visual)_transformer_blocks\.\d+"
@@ -93,7 +96,8 @@ K5_SEGMENTS: tuple[str, ...] = (
 _SHARED_INPUT = re.compile(
     r"(?P<self>.+\.self_attention)\.(?:to_query|to_key|to_value)|(?P<cross>.+\.cross_attention)\.(?:to_key|to_value)"
 )
-_NETWORK_ARGS = ("include_patterns", "exclude_patterns", "rank_dropout", "module_dropout", "dropout")
+_NETWORK_ARGS = ("include_patterns", "exclude_patterns", "rank_dropout", "module_dropout", "dropout",
+                 "loraplus_lr_ratio", "verbose")  # fmt: skip
 _MUSUBI_CALL_KWARGS = ("vae", "text_encoders", "text_encoder", "unet")  # accepted and ignored (musubi call shape)
 
 
@@ -134,6 +138,9 @@ def _parse_network_args(network_args: Mapping[str, object] | None) -> dict:
         if not 0.0 <= value < 1.0:
             raise ValueError(f"network_args {key} must be in [0, 1), got {value}")
         parsed[key] = value
+    ratio = args.get("loraplus_lr_ratio")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and ratio > 0):
+        raise ValueError(f"network_args loraplus_lr_ratio must be a positive number (e.g. 16), got {ratio!r}")
     return parsed
 
 
@@ -157,7 +164,7 @@ def create_network(
     args = _parse_network_args(network_args)
     if neuron_dropout:
         args["dropout"] = float(neuron_dropout)
-    return LoRANetwork(
+    network = LoRANetwork(
         dit,
         rank=network_dim or 4,
         alpha=1.0 if network_alpha is None else network_alpha,
@@ -166,6 +173,9 @@ def create_network(
         shared_input_key=shared_input_key,
         **args,
     )
+    if (network_args or {}).get("verbose") in (True, "True", "true", 1):
+        log.info("LoRA targets (%d): %s", len(network.names), ", ".join(network.names))
+    return network
 
 
 def create_network_from_weights(
@@ -240,20 +250,20 @@ def save_lora(
         sd = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in sd.items()}
     meta = format_metadata(sd, format, {"ss_network_module": NETWORK_MODULE, **(metadata or {})})
     tensors = {k: v.detach().contiguous().cpu() for k, v in from_canonical(sd, format).items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(tensors, path, meta, what="LoRA")  # atomic; a failed write is one line, the old file kept
     return meta
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, header metadata) of a safetensors file, keys as stored."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+def read_safetensors(path: str | Path, what: str = "LoRA") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file, keys as stored: the one entry point for reading LoRA
+    files.  The header is validated first (``kandinsky5.files``): a missing, truncated or foreign file is one
+    ``UserError`` line naming ``what`` (the flag) and the file."""
+    return load_safetensors(path, what)
 
 
-def load_lora_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_lora_state_dict(path: str | Path, what: str = "LoRA") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a LoRA in any supported format -> (canonical state dict, metadata); ``k5_format`` = detected format."""
-    raw, metadata = read_safetensors(path)
+    raw, metadata = read_safetensors(path, what)
     sd, fmt = to_canonical(raw, K5_SEGMENTS, folded_alphas_from_metadata(metadata))
     metadata["k5_format"] = fmt
     return sd, metadata
@@ -268,7 +278,7 @@ _REGENERATED = ("k5_format", "k5_alpha_folded", "k5_alphas", "ss_network_dim", "
 
 def convert(src: str | Path, dst: str | Path, format: str, dtype: torch.dtype | None = None) -> dict[str, str]:
     """Rewrite a LoRA file in another key format, keeping its metadata."""
-    sd, metadata = load_lora_state_dict(src)
+    sd, metadata = load_lora_state_dict(src, "input")
     kept = {k: v for k, v in metadata.items() if k not in _REGENERATED}
     return save_lora(dst, sd, kept, format=format, dtype=dtype)
 
@@ -283,16 +293,20 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("output", help="destination .safetensors (written atomically)")
     conv.add_argument("--format", choices=FORMATS, default="diffusers", help="key format to write (default diffusers)")
     conv.add_argument("--dtype", default=None, help="cast up/down weights: bf16, fp16 or fp32 (default: keep)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
+    conv.add_argument("--debug", action="store_true", help="on an error also print the full traceback")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     dtype = parse_dtype(args.dtype) if args.dtype else None
+    if Path(args.output).exists() and not args.overwrite:
+        raise UserError(f"output {args.output} already exists; pass --overwrite to replace it")
     meta = convert(args.input, args.output, args.format, dtype)
     print(f"wrote {args.output}: format {args.format}, rank {meta['ss_network_dim']}, alpha {meta['ss_network_alpha']}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -86,6 +86,8 @@ def plain_gated_residual(x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor)
 
 
 def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if cos.dim() == 3:  # the DiT's (S, 1, D) rows ([c, c], [-s, s] per pair): back to the (S, D/2) tables
+        cos, sin = cos[:, 0, 0::2], sin[:, 0, 1::2]
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos[:, None, :], sin[:, None, :]

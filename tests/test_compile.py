@@ -105,11 +105,19 @@ def test_flags_map_to_the_config_with_musubi_meanings():
         (["--compile_backend", "nope"], 0, "not a torch.compile backend"),
         (["--compile_cache_size_limit", "0"], 0, "must be >= 1"),
         (["--compile_mode", "reduce-overhead"], 4, "max-autotune-no-cudagraphs"),
+        (["--compile_mode", "max-autotune"], "auto", "max-autotune-no-cudagraphs"),  # auto may swap
     ],
 )
 def test_bad_settings_fail_before_loading(argv, swap, message):
     with pytest.raises(UserError, match=message):
         compile_config_from_args(_args("--compile", *argv), "cpu", blocks_to_swap=swap)
+
+
+def test_fsdp_is_refused_until_it_is_tested():
+    args = _args("--compile")
+    args.fsdp = True
+    with pytest.raises(UserError, match="--compile cannot be combined with --fsdp"):
+        compile_config_from_args(args, "cpu")
 
 
 def test_missing_compiler_is_named(monkeypatch):

@@ -68,6 +68,8 @@ def compile_config_from_args(args, device_type: str | None = None, blocks_to_swa
     """Read and check the ``cli.add_compile_args`` flags (before any model loads)."""
     if not args.compile:
         return CompileConfig()
+    if getattr(args, "fsdp", False):
+        raise UserError("--compile cannot be combined with --fsdp yet; drop one of them (DDP runs compile per rank)")
     dynamic = str(args.compile_dynamic or "auto").lower()
     if dynamic not in DYNAMIC_CHOICES:
         raise UserError(f"--compile_dynamic must be one of true, false, auto; got {args.compile_dynamic!r}")

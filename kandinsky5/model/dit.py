@@ -28,8 +28,10 @@ diffusers and musubi do even in fp32 models).
 Text of different lengths batches exactly: padded keys are masked in text self-attention and in every
 cross-attention, and real tokens keep positions 0..L_i-1, so each sample gets the output it would get alone.
 
-This file knows nothing about fp8, block swap, checkpointing or flags: those attach from outside through the plain
-``text_transformer_blocks`` / ``visual_transformer_blocks`` ModuleLists.
+This file knows nothing about fp8, block swap, checkpointing, step caching or flags: those attach from outside
+through the plain ``text_transformer_blocks`` / ``visual_transformer_blocks`` ModuleLists, and step caching
+(MagCache, ``kandinsky5/sampling/magcache.py``) through ``forward(..., visual_blocks=fn)``, which replaces
+``run_visual_blocks`` (the loop over the visual blocks, on tokens (B, S, D)) for one call.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ from kandinsky5.model.nabla import TILE, fractal_permutation, nabla_attention, s
 __all__ = ["DiT", "AttentionSpec"]
 
 ROPE_THETA = 10000.0
+
+# visual_blocks(run_visual_blocks, tokens, text, time_embed, rope, text_mask, self_attend) -> tokens
+VisualBlocksFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -106,16 +111,25 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> to
     return (gate.float() * out).add_(x).type_as(x)
 
 
+def rope_rows(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, D/2) cos/sin tables -> the (S, 1, D) fp32 rows :func:`apply_rope` multiplies by: ``[c, c]`` and
+    ``[-s, s]`` per pair.  The DiT builds them once per call for all blocks (built inside every attention, autograd
+    would save two more (S, D) fp32 tensors for q and two for k in each block)."""
+    return cos.repeat_interleave(2, dim=-1)[:, None, :], torch.stack([-sin, sin], dim=-1).flatten(-2)[:, None, :]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, S, H, D) by angles given as cos/sin (S, D/2); returns bf16-rounded x.
+    """Rotate interleaved pairs of x (B, S, H, D) by angles given as cos/sin (S, D/2) tables or as the (S, 1, D)
+    rows of :func:`rope_rows`; returns bf16-rounded x.
 
     Pair (x0, x1) -> (x0 c - x1 s, x1 c + x0 s), computed as ``x * [c, c] + [x1, x0] * [-s, s]`` per pair.
     """
-    xf = x.float()  # gradients of both terms meet here in fp32, as in the plain formula
-    cos2 = cos.repeat_interleave(2, dim=-1)[:, None, :]
-    sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)[:, None, :]
+    if cos.dim() == 2:
+        cos, sin = rope_rows(cos, sin)
+    xf = x.to(torch.float32, copy=True)  # fresh, so it may be scaled in place (autograd keeps only cos and sin)
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    rotated = (xf * cos2).add_(swapped.mul_(sin2))
+    rotated = xf.mul_(cos).add_(swapped.mul_(sin))
+    del swapped  # two fp32 temporaries at most, not three
     return rotated.to(torch.bfloat16).type_as(x)
 
 
@@ -231,7 +245,8 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x (B, S, D); context (B, L, D) for cross-attention; rope = (cos, sin) (S, hd/2); attend(q, k, v)."""
+        """x (B, S, D); context (B, L, D) for cross-attention; rope (cos, sin): see :func:`apply_rope`;
+        attend(q, k, v)."""
         src = x if context is None else context
         q = self._norm(self.to_query(x).unflatten(-1, (-1, self.head_dim)), self.query_norm)
         k = self._norm(self.to_key(src).unflatten(-1, (-1, self.head_dim)), self.key_norm)
@@ -263,7 +278,7 @@ class TextBlock(nn.Module):
         self.feed_forward = FeedForward(cfg.model_dim, cfg.ff_dim)
 
     def forward(self, x, time_embed, rope, text_mask):
-        """x (B, L, D); time_embed (B, Tm); rope (cos, sin) (L, hd/2); text_mask (B, L) bool or None."""
+        """x (B, L, D); time_embed (B, Tm); rope (cos, sin) (see apply_rope); text_mask (B, L) bool or None."""
         mods = self.text_modulation(time_embed)[:, None, :].chunk(6, dim=-1)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
         attend = lambda q, k, v: masked_sdpa(q, k, v, text_mask)  # noqa: E731
@@ -284,7 +299,7 @@ class VisualBlock(nn.Module):
         self.feed_forward = FeedForward(cfg.model_dim, cfg.ff_dim)
 
     def forward(self, x, text, time_embed, rope, text_mask, self_attend):
-        """x (B, S, D); text (B, L, D); rope (cos, sin) (S, hd/2); self_attend(q, k, v) for visual tokens."""
+        """x (B, S, D); text (B, L, D); rope (cos, sin) (see apply_rope); self_attend(q, k, v) for visual tokens."""
         mods = self.visual_modulation(time_embed)[:, None, :].chunk(9, dim=-1)
         out = self.self_attention(modulate(x, mods[0], mods[1]), rope=rope, attend=self_attend)
         x = gated_residual(x, mods[2], out)
@@ -337,10 +352,18 @@ class DiT(nn.Module):
 
     # -- forward pieces -----------------------------------------------------------------------------------------
 
+    def run_visual_blocks(self, tokens, text, time_embed, rope, text_mask, self_attend) -> torch.Tensor:
+        """The visual decoder stack: tokens (B, S, D), text (B, L, D), time_embed (B, Tm), text_mask (B, L) or None.
+
+        Rows are independent, so any subset of rows (with its rows of text / time_embed / mask) may run alone."""
+        for block in self.visual_transformer_blocks:
+            tokens = block(tokens, text, time_embed, rope, text_mask, self_attend)
+        return tokens
+
     def embed_text(self, text_embed, text_mask, time_embed):
         """Project and refine the text: (B, L, 3584) -> (B, L, D)."""
         text = self.text_embeddings(text_embed)
-        rope = text_rope(text.shape[1], self.config.head_dim, text.device)
+        rope = rope_rows(*text_rope(text.shape[1], self.config.head_dim, text.device))
         for block in self.text_transformer_blocks:
             text = block(text, time_embed, rope, text_mask)
         return text
@@ -363,8 +386,12 @@ class DiT(nn.Module):
         pooled_text_embed: torch.Tensor,
         time: torch.Tensor,
         scale_factor: tuple[float, float, float] = (1.0, 2.0, 2.0),
+        visual_blocks: VisualBlocksFn | None = None,
     ) -> torch.Tensor:
-        """Predict the velocity (B, T, H, W, 16) for latents x (B, T, H, W, C_in); see the module docstring."""
+        """Predict the velocity (B, T, H, W, 16) for latents x (B, T, H, W, C_in); see the module docstring.
+
+        ``visual_blocks`` replaces :meth:`run_visual_blocks` for this call (step caching such as MagCache decides
+        there, outside the blocks); it gets ``run_visual_blocks`` and the same arguments."""
         if text_mask is not None and bool(text_mask.all()):
             text_mask = None  # nothing padded: skip the mask (same result, faster kernels)
         time_embed = self.time_embeddings(time) + self.pooled_text_embeddings(pooled_text_embed).float()
@@ -372,14 +399,17 @@ class DiT(nn.Module):
 
         visual = self.visual_embeddings(x)  # (B, T, Hg, Wg, D)
         shape, grid = visual.shape, tuple(visual.shape[1:4])
-        rope = visual_rope(grid, self.config.axes_dims, scale_factor, x.device)
+        rope = rope_rows(*visual_rope(grid, self.config.axes_dims, scale_factor, x.device))
         perm, self_attend = self._visual_attention(grid, x.device)
         tokens = visual.flatten(1, 3)
         del visual  # keep only the shape: the embedding output is not needed after the first block
         if perm is not None:
             tokens, rope = tokens[:, perm], (rope[0][perm], rope[1][perm])
-        for block in self.visual_transformer_blocks:
-            tokens = block(tokens, text, time_embed, rope, text_mask, self_attend)
+        if visual_blocks is None:  # the loop inline: a call would keep its input tokens alive through every block
+            for block in self.visual_transformer_blocks:
+                tokens = block(tokens, text, time_embed, rope, text_mask, self_attend)
+        else:
+            tokens = visual_blocks(self.run_visual_blocks, tokens, text, time_embed, rope, text_mask, self_attend)
         if perm is not None:
             tokens = tokens[:, torch.argsort(perm)]
         return self.out_layer(tokens.view(shape), time_embed)

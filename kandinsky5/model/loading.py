@@ -20,16 +20,15 @@ each tensor alone, so quantising while streaming never holds more than one high-
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
+from kandinsky5.files import open_safetensors, read_safetensors_header
 from kandinsky5.memory.dtype_policy import FP32_PARAMS, load_dtype, param_dtype
 from kandinsky5.model.dit import AttentionSpec, DiT
 
@@ -38,9 +37,12 @@ __all__ = [
     "param_dtype",
     "checkpoint_files",
     "read_header",
+    "checkpoint_metadata",
     "file_fingerprint",
     "FP32_PARAMS",
     "LoadTransform",
+    "check_checkpoint_fits",
+    "iter_row_slices",
 ]
 
 log = get_logger(__name__)
@@ -82,20 +84,18 @@ def _strip(key: str) -> str:
     return key
 
 
-def read_header(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Path]]:
-    """key -> (shape, safetensors dtype string, file), reading only the JSON headers."""
+def read_header(files: list[Path], what: str = "--dit") -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """key -> (shape, safetensors dtype string, file), reading only the (validated) JSON headers."""
     out: dict[str, tuple[tuple[int, ...], str, Path]] = {}
     for file in files:
-        with open(file, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            try:
-                header = json.loads(fh.read(size))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise UserError(f"{file} is not a valid safetensors file (corrupt header)") from None
-        for key, info in header.items():
-            if key != "__metadata__":
-                out[_strip(key)] = (tuple(info["shape"]), info["dtype"], file)
+        for key, info in read_safetensors_header(file, what).tensors.items():
+            out[_strip(key)] = (info.shape, info.dtype, file)
     return out
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a DiT checkpoint (first shard), e.g. ``k5_task`` in files written by this tool."""
+    return read_safetensors_header(checkpoint_files(path)[0], "--dit").metadata
 
 
 def _check_fit(task: TaskConfig, expected: dict[str, tuple[int, ...]], found: dict, name: str) -> None:
@@ -118,10 +118,33 @@ def _check_fit(task: TaskConfig, expected: dict[str, tuple[int, ...]], found: di
     )
 
 
+def check_checkpoint_fits(
+    task: TaskConfig, dit: torch.nn.Module, files: list[Path], adds: frozenset[str] = frozenset(), name: str = ""
+) -> dict[str, tuple[int, ...]]:
+    """Strict fit of the checkpoint ``files`` to the (meta) model ``dit``; ``adds`` are keys a loader makes itself.
+    Returns key -> expected shape; a misfit is a one-line ``UserError``."""
+    expected = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
+    made = {k: (expected[k], "made by transform", None) for k in adds if k in expected}
+    _check_fit(task, expected, {**made, **read_header(files)}, name or str(files[0]))
+    return expected
+
+
+def iter_row_slices(files: list[Path], rows: dict[str, tuple[int, int]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (stripped key, CPU tensor of rows [start, stop) along dim 0) for the keys in ``rows``, reading only those
+    rows from the memory-mapped files (what one rank of a sharded load keeps)."""
+    for file in files:
+        with open_safetensors(file, "--dit") as f:
+            for raw in f.keys():
+                key = _strip(raw)
+                if key in rows:
+                    start, stop = rows[key]
+                    yield key, f.get_slice(raw)[start:stop]
+
+
 def iter_tensors(files: list[Path], keys: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (stripped key, CPU tensor) one at a time from memory-mapped files."""
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file, "--dit") as f:
             for raw in f.keys():
                 key = _strip(raw)
                 if key in keys:
@@ -147,10 +170,7 @@ def load_dit(
         dit = DiT(task.dit, attention)
     if convert is not None:
         convert(dit)
-    expected = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
-    found = read_header(files)
-    made = {k: (expected[k], "made by transform", None) for k in (transform.adds if transform else ()) if k in expected}
-    _check_fit(task, expected, {**made, **found}, str(path))
+    expected = check_checkpoint_fits(task, dit, files, transform.adds if transform else frozenset(), str(path))
     state = {}
     for key, tensor in iter_tensors(files, expected):
         if transform is not None:

@@ -67,22 +67,28 @@ def cfg_inputs(cond: TextEmbeds, uncond: TextEmbeds | None, guidance: float, bat
     return cond.to(device, dtype), uncond_rows.to(device, dtype)
 
 
-def velocity(dit, model_in: torch.Tensor, text, t: torch.Tensor, spec: SamplingSpec, dtype):
+def velocity(dit, model_in: torch.Tensor, text, t: torch.Tensor, spec: SamplingSpec, dtype, cache=None, step: int = 0):
     """Guided velocity in fp32: ``text`` is one batch (cond rows, then uncond rows when CFG is on; one DiT call)
-    or a (cond, uncond) pair (two DiT calls, as official)."""
+    or a (cond, uncond) pair (two DiT calls, as official).
+
+    ``cache`` (a MagCache run, ``magcache.py``) supplies each call's ``visual_blocks`` for step ``step``: the
+    batched call carries streams (0, 1) (cond, uncond), the two calls carry (0,) and (1,), so every stream keeps
+    its own residual and skip decisions either way."""
+    time = flow.dit_time(t).to(model_in.device)
     if isinstance(text, tuple):
-        time = flow.dit_time(t).expand(model_in.shape[0]).to(model_in.device)
-        v_cond, v_uncond = (
-            dit(model_in.to(dtype), te.embeds, te.mask, te.pooled, time, scale_factor=spec.rope_scale).float()
-            for te in text
-        )
+        v_cond, v_uncond = (_call(dit, model_in, te, time, spec, dtype, cache, step, (s,)) for s, te in enumerate(text))
         return flow.cfg_combine(v_cond, v_uncond, spec.guidance)
-    batch = model_in.shape[0]
     cfg = flow.needs_uncond(spec.guidance)
     x = torch.cat([model_in, model_in]) if cfg else model_in
-    time = flow.dit_time(t).expand(x.shape[0]).to(x.device)
-    v = dit(x.to(dtype), text.embeds, text.mask, text.pooled, time, scale_factor=spec.rope_scale).float()
+    v = _call(dit, x, text, time, spec, dtype, cache, step, (0, 1) if cfg else (0,))
     if not cfg:
         return v
-    v_cond, v_uncond = v.split(batch)
+    v_cond, v_uncond = v.split(model_in.shape[0])
     return flow.cfg_combine(v_cond, v_uncond, spec.guidance)
+
+
+def _call(dit, x: torch.Tensor, text: TextEmbeds, time, spec: SamplingSpec, dtype, cache, step, streams):
+    """One DiT call on rows ``x`` (fp32 result); with a MagCache run, its ``visual_blocks`` for ``streams``."""
+    extra = {} if cache is None else {"visual_blocks": cache.blocks(step, streams)}
+    time = time.expand(x.shape[0])
+    return dit(x.to(dtype), text.embeds, text.mask, text.pooled, time, scale_factor=spec.rope_scale, **extra).float()

@@ -27,6 +27,8 @@ Sampler (official ``generation_utils.generate``; ``architecture.md`` 4.2-4.5)
   ``normalize_first_frame`` renormalises latent frames 0-3 toward frames 4-8 (per-frame mean/std, reference
   statistics clamped).  Official code produces NaN when the video has 2-4 latent frames (empty reference);
   we skip the normalisation there.
+* MagCache (``magcache.py``, ``Kandinsky5Pipeline(magcache=...)``): per step the loop asks the run for the DiT
+  call's ``visual_blocks`` (cond stream 0, uncond stream 1), which runs or skips the visual blocks per stream.
 * First+last (our extension; official and diffusers have no such mode, musubi's ``--image_last`` is a no-op): the
   same replacement and mask for the last latent frame.  The last-frame image is encoded as a 1-frame video, like
   the first, so its latent is a "single frame" latent placed where the VAE expects a 4-frame group.
@@ -57,7 +59,7 @@ from kandinsky5.model.vae import VideoVAE
 from kandinsky5.sampling.guidance import CFG_MODES, cfg_batched, cfg_inputs
 from kandinsky5.sampling.guidance import cfg_text as _cfg_text  # noqa: F401 -- tests and bench use these names
 from kandinsky5.sampling.guidance import velocity as _velocity
-from kandinsky5.sampling.prompts import PromptLine
+from kandinsky5.sampling.prompts import PromptLine, describe_frames, musubi_frames_hint
 from kandinsky5.sampling.video_io import image_to_tensor, load_image, to_uint8_frames
 
 __all__ = [
@@ -229,12 +231,15 @@ def sample_latents(
     *,
     noise: torch.Tensor | None = None,
     cfg_mode: str = "auto",
+    cache=None,
 ) -> torch.Tensor:
     """Denoise ``initial_noise(spec, len(cond))`` (or ``noise``) -> (B, T, h, w, 16) fp32 latents on the CPU.
 
     ``dit(x, text_embed, text_mask, pooled, time, scale_factor)`` is any module with the DiT's signature; its device
     and compute dtype are read from its parameters.  ``uncond`` may hold one row (shared) or one per prompt; it is
-    unused when ``|guidance - 1| <= 1e-6``.  ``cfg_mode``: see :func:`cfg_batched`.
+    unused when ``|guidance - 1| <= 1e-6``.  ``cfg_mode``: see :func:`cfg_batched`.  ``cache``: a
+    ``MagCacheConfig.start`` (or calibration) run for this video, or None; it needs the DiT's ``visual_blocks``
+    argument.
     """
     device, dtype = _placement(dit)
     x = (initial_noise(spec, len(cond)) if noise is None else noise.float()).to(device)
@@ -248,8 +253,10 @@ def sample_latents(
     for k in tqdm(range(spec.steps), desc="denoising", disable=not progress, leave=False):
         paste_condition(x, first, last)
         model_in = dit_input(x, first is not None, last is not None) if visual_cond else x
-        v = _velocity(dit, model_in, text, sigmas[k], spec, dtype)
+        v = _velocity(dit, model_in, text, sigmas[k], spec, dtype, cache, k)
         x = flow.euler_step(x, v, sigmas[k], sigmas[k + 1])
+    if cache is not None:
+        cache.finish()
     paste_condition(x, first, last)
     if first is not None:
         x = normalize_first_frame(x)
@@ -330,6 +337,17 @@ def request_from_line(task: TaskConfig, line: PromptLine, **defaults) -> Generat
     line's own ``--w --h --f --d --s --g --n --i --l``.  Keys: the ``SamplingSpec`` fields except ``rope_scale``,
     plus ``negative_prompt``, ``image``, ``image_last``, ``fps``, ``extra_metadata``.  The trainer's sampling and
     the generate script both build their requests here."""
+    try:
+        r = _request_from_line(task, line, defaults)
+    except UserError as exc:  # prompt-file errors name file:line (and musubi's latent-frame count, if it may be one)
+        hint = f"; note: {musubi_frames_hint(line.frames)}" if "--frames" in str(exc) and line.frames else ""
+        raise UserError(f"{line.source}: {exc}{hint}" if line.source else str(exc)) from None
+    log.info("%s: %s, %dx%d, %d steps, guidance %g, seed %d", line.source or "prompt", describe_frames(r.spec.frames),
+             r.spec.width, r.spec.height, r.spec.steps, r.spec.guidance, r.spec.seed)  # fmt: skip
+    return r
+
+
+def _request_from_line(task: TaskConfig, line: PromptLine, defaults: dict) -> GenerationRequest:
     values = {k: v for k, v in defaults.items() if v is not None}
     values.update(line.overrides())
     image = values.pop("image", None)
@@ -393,10 +411,14 @@ class Kandinsky5Pipeline:
         qwen_4bit: bool = False,
         vae_tiling: bool = False,
         cfg_mode: str = "auto",
+        magcache=None,
+        vae_dtype: torch.dtype | None = None,
     ):
         self.task = task
         self.cfg_mode = cfg_mode  # see cfg_batched
+        self.magcache = magcache  # MagCacheConfig / magcache.Calibrator (anything with .start(steps, cfg)) or None
         self.device, self.dtype = torch.device(device), dtype
+        self.vae_dtype = vae_dtype or dtype
         self._paths = {"qwen": text_encoder_qwen, "clip": text_encoder_clip, "vae": vae_path}
         self._qwen_4bit, self._vae_tiling = qwen_4bit, vae_tiling
         self.text_encoder: TextEncoder | None = None
@@ -450,8 +472,8 @@ class Kandinsky5Pipeline:
         if self.vae is None:
             if not self._paths["vae"]:
                 raise UserError("--vae is required (image conditioning and decoding use it)")
-            log.info("loading VAE %s on %s (%s)", self._paths["vae"], self.device, self.dtype)
-            self.vae = VideoVAE.load(self._paths["vae"], self.device, self.dtype, tiling=self._vae_tiling)
+            log.info("loading VAE %s on %s (%s)", self._paths["vae"], self.device, self.vae_dtype)
+            self.vae = VideoVAE.load(self._paths["vae"], self.device, self.vae_dtype, tiling=self._vae_tiling)
         return self.vae
 
     def encode_image(self, path: str | Path, width: int, height: int, crop: bool, what: str) -> torch.Tensor:
@@ -495,8 +517,9 @@ class Kandinsky5Pipeline:
         self.encode_prompts([r])
         cond = self.embeds([r.prompt], template)
         uncond = self.embeds([r.negative_prompt], template) if flow.needs_uncond(r.spec.guidance) else None
+        cache = None if self.magcache is None else self.magcache.start(r.spec.steps, uncond is not None)
         return sample_latents(
-            dit, cond, uncond, r.spec, prepared.first, prepared.last, progress, cfg_mode=self.cfg_mode
+            dit, cond, uncond, r.spec, prepared.first, prepared.last, progress, cfg_mode=self.cfg_mode, cache=cache
         )
 
     def generate_iter(

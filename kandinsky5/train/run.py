@@ -14,14 +14,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kandinsky5.common import UserError, get_logger
+from kandinsky5.files import WriteError, guarded_write
 from kandinsky5.train.config import TrainConfig
-from kandinsky5.train.distributed import DistContext, gather_rng
-from kandinsky5.train.optim import optimizer_name
+from kandinsky5.train.distributed import DistContext, Engine, broadcast_object, gather_rng
+from kandinsky5.train.optim import optimizer_class_name, optimizer_name
 from kandinsky5.train.sampler import TrainingSampler
 from kandinsky5.train.state import (
     Progress,
@@ -58,7 +59,10 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     last_checkpoint: Path | None = None
     sampler: TrainingSampler | None = None
+    validator: Any = None  # kandinsky5.train.validation.Validator, None without validation items
+    monitor: Any = None  # kandinsky5.train.monitor.Monitor: console, trackers, history (saved in the state)
     started_at: float = field(default_factory=time.time)
+    engine: Engine | None = None  # single process, DDP or FSDP (kandinsky5.train.distributed)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -84,14 +88,26 @@ def resume_run(run: Run, path: Path) -> None:
             f"--resume {path} was saved by {meta['world_size']} process(es); resume with the same --num_processes "
             "(the data order and RNG streams are per process)"
         )
-    run.network.load_state_dict(network_sd)
-    run.optimizer.load_state_dict(opt_sd)
+    run.engine.load_state(run.optimizer, network_sd, opt_sd)
     run.scheduler.load_state_dict(sched_sd)
     _recompute_lr(run.scheduler)
     restore_rng(rng[run.ctx.rank], run.generator)
     run.seed, run.last_checkpoint = meta["seed"], path
     run.progress = Progress(meta["step"], meta["epoch"], meta["batches_in_epoch"])
+    if run.monitor is not None:
+        run.monitor.restore(path, run.progress.step)  # curves, moving average, run folder
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, *asdict(run.progress).values())
+
+
+def state_info(run: Run, lora: Path) -> dict[str, object]:
+    """What ``progress.json`` records besides the progress: enough to check a ``--resume`` before loading."""
+    cfg, n = run.cfg, run.cfg.network
+    return {
+        "seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": lora.name,
+        "optimizer": optimizer_name(cfg.optimizer), "optimizer_class": optimizer_class_name(cfg.optimizer),
+        "mixed_precision": cfg.mixed_precision, "network_module": n.module, "network_dim": n.dim,
+        "network_alpha": n.alpha, "network_args": {k: repr(v) for k, v in dict(n.args).items()},
+    }  # fmt: skip
 
 
 def lora_metadata(run: Run) -> dict[str, object]:
@@ -121,27 +137,59 @@ def lora_metadata(run: Run) -> dict[str, object]:
 
 
 def save_checkpoint(run: Run, stem: str, state: bool) -> None:
-    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather."""
-    cfg = run.cfg
+    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather and,
+    under --fsdp, in gathering the LoRA and writing the sharded optimizer state.
+
+    The LoRA file and its state directory are written completely under temporary names before either is renamed,
+    so a failed save (disk full, ...) leaves both as they were, and they always come from the same step.  A failure
+    stops every rank with one line naming the last good checkpoint.
+    """
+    cfg, engine = run.cfg, run.engine
     rng = gather_rng(run.ctx, run.generator) if state else []
-    if run.ctx.is_main:
-        path = cfg.save.output_dir / f"{stem}.safetensors"
-        run.module.save_lora(path, run.network, lora_metadata(run), format=cfg.save.format)
-        run.last_checkpoint = path
-        if state:
-            info = {"seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": path.name}
-            writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, info)
-            run.last_checkpoint = write_state_dir(cfg.save.output_dir / f"{stem}-state", writers)
-        log.info("saved %s%s", path, " (+ state)" if state else "")
+    network_sd = engine.network_state()  # collective under --fsdp
+    error, optimizer_files = None, {}
+    try:
+        if state:  # collective under --fsdp: every rank writes its optimizer shard
+            staging = cfg.save.output_dir / f".{stem}-state.optimizer-tmp"
+            optimizer_files = engine.optimizer_files(run.optimizer, staging)
+        if run.ctx.is_main:
+            path = cfg.save.output_dir / f"{stem}.safetensors"
+            _write_checkpoint(run, path, state, rng, network_sd, optimizer_files)
+    except WriteError as exc:
+        what = f"{stem}.safetensors" + (f" and {stem}-state" if state else "")
+        error = (
+            f"cannot save {what} in {cfg.save.output_dir}: {exc.reason}; nothing was replaced, last good "
+            f"checkpoint: {run.last_checkpoint or 'none written yet'} (free space, then --resume a state)"
+        )
+    error = broadcast_object(run.ctx, error) if run.ctx.distributed else error
+    if error is not None:
+        raise UserError(error)
     run.ctx.barrier()
 
 
+def _write_checkpoint(run: Run, path: Path, state: bool, rng: list[dict], network_sd: dict, optimizer_files) -> None:
+    cfg = run.cfg
+    with guarded_write(path, "LoRA") as tmp:  # renamed only after the state directory is complete
+        network = run.engine.saveable_network(network_sd)
+        run.module.save_lora(tmp, network, lora_metadata(run), format=cfg.save.format)
+        if run.monitor is not None:
+            run.monitor.on_save(run.progress.step, path)  # recorded in the history (saved in the state); loss.png
+        if state:
+            info = {**state_info(run, path), "sharded": run.engine.sharded}
+            writers = state_writers(network_sd, optimizer_files, run.scheduler, run.progress, rng, info)
+            if run.monitor is not None:
+                writers.update(run.monitor.state_files())
+            state_dir = write_state_dir(path.with_name(f"{path.stem}-state"), writers)
+    run.last_checkpoint = state_dir if state else path
+    log.info("saved %s%s", path, " (+ state)" if state else "")
+
+
 def save_and_rotate(run: Run, kind: str, number: int) -> None:
-    """A step or epoch checkpoint, then deletion of the older ones beyond --save_last_n_steps/epochs."""
+    """A step or epoch checkpoint, then deletion of the older LoRA files and state dirs (``SaveConfig.kept``)."""
     s = run.cfg.save
-    stem, keep = (f"-step{number:08d}", s.last_n_steps) if kind == "step" else (f"-{number:06d}", s.last_n_epochs)
+    stem = f"-step{number:08d}" if kind == "step" else f"-{number:06d}"
     save_checkpoint(run, s.output_name + stem, s.save_state)
-    if keep and run.ctx.is_main:
-        numbered = r"-step(\d+)" if kind == "step" else r"-(\d{6})"
-        pattern = f"{re.escape(s.output_name)}{numbered}(?:\\.safetensors|-state)"
-        rotate(s.output_dir, pattern, keep, number)
+    numbered = r"-step(\d+)" if kind == "step" else r"-(\d{6})"
+    for suffix, keep in ((r"\.safetensors", s.kept(kind, False)), ("-state", s.kept(kind, True))):
+        if keep and run.ctx.is_main:
+            rotate(s.output_dir, f"{re.escape(s.output_name)}{numbered}{suffix}", keep, number)
