@@ -128,6 +128,7 @@ class Workload:
     runtime_lora: bool = True  # sampling: LoRA branches un-merged (sampling during training)
     accumulation: int = 1  # gradient accumulation: from the second micro-batch on every LoRA gradient exists
     shards: int = 1  # --fsdp ranks: the LoRA, its gradients and optimizer state are split over them
+    step_cache: bool = False  # sampling with MagCache (or its calibration): cached residuals and the blocks' input
 
 
 @dataclass(frozen=True)
@@ -480,6 +481,8 @@ def sampling_estimate(
     terms += [Term("batch tensors", batch_bytes(cfg, shape, "sampling", a)),
               Term("activations", resident, "block input, text stream, RoPE tables"),
               Term("largest transient", transient, label)]  # fmt: skip
+    if work.step_cache:  # one residual per CFG stream across steps, and the stack's input held for the next one
+        terms.append(Term("MagCache residuals", a * (max(b, 2) + b) * s * d, "cond + uncond residual, blocks' input"))
     return _finish("sampling step", "the worst block", terms, weights.gpu)
 
 
