@@ -234,3 +234,20 @@ def test_fsdp_plans_one_ranks_shards_and_never_swaps():
     assert sharded.peak < single.peak - 15 * GIB
     fit, _ = planner.auto(MemoryConfig(fp8=True, auto_swap=True), 12 * GIB)
     assert fit.memory.blocks_to_swap == 0 and fit.memory.gradient_checkpointing
+
+
+def test_magcache_sampling_plans_its_residuals():
+    """Sampling with MagCache keeps one residual per CFG stream between steps and the stack's input during it."""
+    from kandinsky5.memory.activations import sampling_estimate
+    from kandinsky5.memory.build import memory_plan
+    from kandinsky5.model.dit import DiT
+
+    with torch.device("meta"):
+        weights = memory_plan(DiT(TINY_DIT), torch.bfloat16, 0)
+    shape = dataclasses.replace(TINY, batch=2)
+    plain, cached = (
+        sampling_estimate(TINY_DIT, shape, MemoryConfig(), weights, Workload(step_cache=on)) for on in (False, True)
+    )
+    extra = {t.label: t.nbytes for t in cached.terms}["MagCache residuals"]
+    assert extra == 2 * (2 + 2) * shape.tokens * TINY_DIT.model_dim
+    assert cached.tensors > plain.tensors

@@ -131,6 +131,7 @@ class Workload:
     runtime_lora: bool = True  # sampling: LoRA branches un-merged (their parameters count; no larger transient)
     accumulation: int = 1  # gradient accumulation: from the second micro-batch on every LoRA gradient exists
     shards: int = 1  # --fsdp ranks: the LoRA, its gradients and optimizer state are split over them
+    step_cache: bool = False  # sampling with MagCache (or its calibration): cached residuals and the blocks' input
 
 
 @dataclass(frozen=True)
@@ -484,6 +485,8 @@ def sampling_estimate(
     terms += [Term("batch tensors", batch_bytes(cfg, shape, "sampling", a)),
               Term("activations", resident, "block input, text stream, RoPE rows"),
               Term("largest transient", transient, label)]  # fmt: skip
+    if work.step_cache:  # one residual per CFG stream across steps, and the stack's input held for the next one
+        terms.append(Term("MagCache residuals", a * (max(b, 2) + b) * s * d, "cond + uncond residual, blocks' input"))
     return _finish("sampling step", "the worst block", terms, weights.gpu)
 
 

@@ -57,7 +57,7 @@ def check_training_memory(cfg: TrainConfig, ctx, items, requests) -> TrainConfig
     work = Workload(lora_rank=cfg.network.dim, lora=lora_shapes_of(cfg), optimizer=optimizer_kind(cfg.optimizer.type),
                     attention="nabla" if cfg.attention.nabla else cfg.attention.backend, nabla=cfg.attention.nabla,
                     act_bytes=2 if cfg.autocast else 4, accumulation=cfg.gradient_accumulation_steps,
-                    shards=shards)  # fmt: skip
+                    shards=shards, step_cache=cfg.sample.magcache is not None)  # fmt: skip
     samples = distinct([sampling_shape(cfg.task, r) for r in requests])
     header = read_header(checkpoint_files(cfg.dit_path))
     run = RunPlan(cfg.task, cfg.weight_dtype, work, training_shapes(cfg.task, items), samples, header=header,
