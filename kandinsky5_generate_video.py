@@ -111,8 +111,9 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
         "--cfg_mode",
         choices=CFG_MODES,
         default="auto",
-        help="cond + negative DiT calls: auto (default: the faster one measured for the device, two calls on the "
-        "CPU, batched on CUDA), batched (one call, padded text), two_calls (as official)",
+        help="cond + negative DiT calls: auto (default: the faster one measured per device and size: batched on "
+        "CUDA; on the CPU batched up to 1024 visual tokens, two calls above), batched (one call, padded text), "
+        "two_calls (as official)",
     )
     g.add_argument(
         "--scheduler_scale", type=float, default=None, help="time-grid shift s in t = s*u/(1+(s-1)*u) (task default)"

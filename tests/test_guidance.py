@@ -11,7 +11,7 @@ from kandinsky5.common import UserError
 from kandinsky5.configs import TINY_DIT
 from kandinsky5.model.dit import DiT
 from kandinsky5.model.text_encoders import TextEmbeds
-from kandinsky5.sampling.guidance import cfg_batched, cfg_inputs, velocity
+from kandinsky5.sampling.guidance import cfg_batched, cfg_inputs, velocity, visual_tokens
 from kandinsky5.sampling.pipeline import SamplingSpec, dit_input, sample_latents
 from tests.helpers import randomize_, rel_close
 
@@ -26,8 +26,11 @@ def _text(rows: int, lengths: list[int], seed: int) -> TextEmbeds:
 
 
 def test_rule_and_flag_values():
-    assert not cfg_batched("auto", torch.device("cpu"))  # measured on the CPU: two calls are faster
-    assert cfg_batched("auto", torch.device("cuda"))
+    cpu = torch.device("cpu")
+    assert not cfg_batched("auto", cpu)  # size unknown: large
+    assert cfg_batched("auto", cpu, 768) and not cfg_batched("auto", cpu, 1280)  # the measured CPU crossover
+    assert cfg_batched("auto", torch.device("cuda")) and cfg_batched("auto", torch.device("cuda"), 10**5)
+    assert visual_tokens(torch.zeros(1, 5, 32, 32, 16)) == 1280
     assert cfg_batched("batched", torch.device("cpu")) and not cfg_batched("two_calls", torch.device("cuda"))
     with pytest.raises(UserError, match="--cfg_mode"):
         cfg_batched("fast", torch.device("cpu"))

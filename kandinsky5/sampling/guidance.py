@@ -8,7 +8,8 @@ Two ways to get ``v_c`` and ``v_u`` for latents ``x`` (B, T, h, w, C), the same 
 * one batched call: x repeated to 2B rows, cond rows then uncond rows of text right-padded to one length with a
   key mask, which the DiT handles exactly (``cfg_text``).
 
-:func:`cfg_batched` picks one for ``--cfg_mode`` (``auto``: the rule measured by ``bench/bench_sampling.py``).
+:func:`cfg_batched` picks one for ``--cfg_mode`` (``auto``: the rule measured by ``bench/bench_sampling.py``, by
+device and size).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from kandinsky5.model.text_encoders import TextEmbeds
 if TYPE_CHECKING:
     from kandinsky5.sampling.pipeline import SamplingSpec
 
-__all__ = ["CFG_MODES", "cfg_batched", "cfg_text", "cfg_inputs", "velocity"]
+__all__ = ["CFG_MODES", "CPU_BATCHED_MAX_TOKENS", "cfg_batched", "visual_tokens", "cfg_text", "cfg_inputs", "velocity"]
 
 CFG_MODES = ("auto", "batched", "two_calls")
+CPU_BATCHED_MAX_TOKENS = 1024  # measured crossover on the CPU (see cfg_batched)
 
 
 def cfg_text(cond: TextEmbeds, uncond: TextEmbeds | None, guidance: float) -> TextEmbeds:
@@ -43,18 +45,25 @@ def cfg_text(cond: TextEmbeds, uncond: TextEmbeds | None, guidance: float) -> Te
     return TextEmbeds.pad_stack(items)
 
 
-def cfg_batched(mode: str, device: torch.device) -> bool:
+def cfg_batched(mode: str, device: torch.device, tokens: int | None = None) -> bool:
     """Whether cond and uncond run as one batched DiT call (``--cfg_mode``: auto, batched, two_calls).
 
-    auto is the measured rule (``bench/bench_sampling.py``, docs/performance.md): on the CPU two calls are faster
-    (the batched call pads the shorter text and masks every text/cross attention, and batching saves nothing on
-    matmuls that are already compute-bound); on CUDA the batched call (one launch sequence, weights read once).
+    auto is the measured rule (``bench/bench_sampling.py``, docs/performance.md): on CUDA the batched call (one
+    launch sequence, weights read once); on the CPU the batched call up to ``CPU_BATCHED_MAX_TOKENS`` visual tokens
+    per video (1.08-1.22x faster on an idle 2-core machine at 192-768 tokens), two calls above (0.91-0.94x for
+    batched at 1280 tokens: its padded, masked text attention and the doubled attention batch cost more than the
+    saved per-call overhead).  ``tokens`` None (unknown) counts as large.
     """
     if mode not in CFG_MODES:
         raise UserError(f"--cfg_mode must be one of {', '.join(CFG_MODES)}; got {mode!r}")
     if mode == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" or (tokens is not None and tokens <= CPU_BATCHED_MAX_TOKENS)
     return mode == "batched"
+
+
+def visual_tokens(latents: torch.Tensor) -> int:
+    """Visual tokens of one video in latents (B, T, h, w, C): T * h/2 * w/2 (the DiT's 1x2x2 patches)."""
+    return latents.shape[1] * (latents.shape[2] // 2) * (latents.shape[3] // 2)
 
 
 def cfg_inputs(cond: TextEmbeds, uncond: TextEmbeds | None, guidance: float, batched: bool, device, dtype):

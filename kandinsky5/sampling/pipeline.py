@@ -56,7 +56,7 @@ from kandinsky5.memory.dtype_policy import FP8_DTYPE, FP32_PARAMS
 from kandinsky5.model import flow
 from kandinsky5.model.text_encoders import TextEmbeds, TextEncoder
 from kandinsky5.model.vae import VideoVAE
-from kandinsky5.sampling.guidance import CFG_MODES, cfg_batched, cfg_inputs
+from kandinsky5.sampling.guidance import CFG_MODES, cfg_batched, cfg_inputs, visual_tokens
 from kandinsky5.sampling.guidance import cfg_text as _cfg_text  # noqa: F401 -- tests and bench use these names
 from kandinsky5.sampling.guidance import velocity as _velocity
 from kandinsky5.sampling.prompts import PromptLine, describe_frames, musubi_frames_hint
@@ -247,7 +247,8 @@ def sample_latents(
     last = None if last_latent is None else last_latent.to(device, torch.float32)
     if last is not None and x.shape[1] < 3:
         raise ValueError("a last-frame latent needs at least 3 latent frames (9 video frames)")
-    text = cfg_inputs(cond, uncond, spec.guidance, cfg_batched(cfg_mode, device), device, dtype)
+    batched = cfg_batched(cfg_mode, device, visual_tokens(x))
+    text = cfg_inputs(cond, uncond, spec.guidance, batched, device, dtype)
     sigmas = flow.sampling_sigmas(spec.steps, spec.scheduler_scale)
     visual_cond = dit.config.visual_cond
     for k in tqdm(range(spec.steps), desc="denoising", disable=not progress, leave=False):
