@@ -17,7 +17,6 @@ gradients are all-reduced, only rank 0 saves, samples and logs.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ import torch
 from kandinsky5 import cli
 from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.model import flow
-from kandinsky5.train import optim
+from kandinsky5.train import adapters, optim
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
 from kandinsky5.train.distributed import (
     DistContext,
@@ -69,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network_args(p)
     _add_timestep_args(p)
     _add_save_args(p)
+    adapters.add_adapter_file_args(p)
     return p
 
 
@@ -135,7 +135,9 @@ def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
 
 def _add_network_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA network")
-    g.add_argument("--network_module", default="networks.lora_kandinsky", help="module providing create_network")
+    g.add_argument("--network_module", default="networks.lora_kandinsky",
+                   help="module providing create_network: networks.lora_kandinsky (default), "
+                   "networks.loha_kandinsky (LoHa) or networks.lokr_kandinsky (LoKr)")  # fmt: skip
     g.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
     g.add_argument("--network_alpha", type=float, default=None, help="LoRA alpha, scale = alpha / rank (default 1)")
     g.add_argument("--network_dropout", type=float, default=None, help="dropout on the rank activations")
@@ -145,7 +147,8 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="key=value: include_patterns=[...], exclude_patterns=[...], rank_dropout=, module_dropout=",
     )
-    g.add_argument("--network_weights", default=None, help="start from this LoRA file (any supported format)")
+    g.add_argument("--network_weights", default=None,
+                   help="start from this adapter file (any supported format; default: none)")  # fmt: skip
 
 
 def _add_timestep_args(p: argparse.ArgumentParser) -> None:
@@ -169,8 +172,9 @@ def _add_save_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--save_format",
         choices=SAVE_FORMATS,
-        default="diffusers",
-        help="LoRA key format: diffusers (default; loads in ComfyUI, diffusers and the official repo), comfyui, musubi",
+        default=None,
+        help="key format: diffusers (default for LoRA; loads in ComfyUI, diffusers and the official repo), comfyui "
+        "(default for LoHa/LoKr), musubi",
     )
     g.add_argument("--save_every_n_epochs", type=int, default=None, help="save a LoRA every N epochs")
     g.add_argument("--save_every_n_steps", type=int, default=None, help="save a LoRA every N optimizer steps")
@@ -235,6 +239,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         args.lr_scheduler, args.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power
     )
     optim.check_configs(opt_cfg, sched_cfg)
+    base_weights, base_multipliers = adapters.check_adapter_file_args(args)
     return TrainConfig(
         task=task,
         dit_path=Path(args.dit),
@@ -258,6 +263,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             dropout=args.network_dropout,
             args=optim.parse_kv_args(args.network_args, "--network_args"),
             weights=Path(args.network_weights) if args.network_weights else None,
+            dim_from_weights=args.dim_from_weights,
+            base_weights=base_weights,
+            base_multipliers=base_multipliers,
         ),  # fmt: skip
         save=SaveConfig(
             output_dir=Path(args.output_dir),
@@ -268,6 +276,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             last_n_steps=args.save_last_n_steps,
             save_state=args.save_state,
             format=args.save_format,
+            precision=adapters.save_dtype_from_args(args),
         ),  # fmt: skip
         sample=SampleConfig(
             prompts=Path(args.sample_prompts) if args.sample_prompts else None,
@@ -282,6 +291,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         persistent_workers=args.persistent_data_loader_workers,
         resume=Path(args.resume) if args.resume else None,
         logging_dir=Path(args.logging_dir) if args.logging_dir else None,
+        metadata=adapters.metadata_config_from_args(args),
     )
 
 
@@ -291,25 +301,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
-    n = cfg.network
-    try:
-        module = importlib.import_module(n.module)
-    except ImportError as exc:
-        raise UserError(f"--network_module {n.module}: cannot import it ({exc})") from None
-    try:
-        network = module.create_network(1.0, n.dim, n.alpha, dit, dict(n.args), neuron_dropout=n.dropout)
-    except ValueError as exc:
-        raise UserError(f"LoRA network ({n.module}, --network_args): {exc}") from None
-    if n.weights is not None:
-        try:
-            network.load_lora_state_dict(module.load_lora_state_dict(n.weights)[0], strict=True)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"--network_weights {n.weights}: {exc} (same targets and rank needed)") from None
-        log.info("LoRA initialised from %s", n.weights)
-    network.apply_to(dit)
-    network.train()
-    log.info("%s", network.summary())
-    return network, module
+    return adapters.build_network(cfg, dit)
 
 
 def _log_setup(cfg: TrainConfig, ctx, items: list, total: int, per_epoch: int) -> None:
@@ -333,14 +325,17 @@ def setup(cfg: TrainConfig, ctx: DistContext):
 
     from dataset.config import load_dataset_config
     from dataset.latent_dataset import BucketBatchSampler, LatentDataset, collate, discover_items
+    from dataset.summary import dataset_summary
     from kandinsky5.memory.build import build_dit
+    from kandinsky5.model.checkpoint_hash import checkpoint_sha256
     from kandinsky5.model.loading import file_fingerprint
     from kandinsky5.model.nabla import check_geometry
 
     # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
-    requests = sample_requests(cfg.task, cfg.sample.prompts) if cfg.sample.enabled else []
+    requests = sample_requests(cfg.task, cfg.sample.prompts, cfg.metadata.trigger_word) if cfg.sample.enabled else []
     seed = broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
-    items = discover_items(load_dataset_config(cfg.dataset_config), cfg.task)
+    dataset_cfg = load_dataset_config(cfg.dataset_config)
+    items = discover_items(dataset_cfg, cfg.task)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)
     per_epoch = math.ceil(sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
     total = cfg.total_steps(per_epoch)
@@ -358,8 +353,10 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     scheduler = optim.build_scheduler(optimizer, cfg.scheduler, total)
     seed_everything(seed + ctx.rank)  # dropout masks differ per rank
     generator = torch.Generator(ctx.device).manual_seed(seed * 1009 + ctx.rank)
+    sha256 = checkpoint_sha256(cfg.dit_path) if cfg.metadata.enabled and ctx.is_main else None
     run = Run(cfg, ctx, dit, network, module, optimizer, scheduler, generator, seed, total, len(items),
-              file_fingerprint(cfg.dit_path))  # fmt: skip
+              file_fingerprint(cfg.dit_path), datasets=dataset_summary(dataset_cfg, items, cfg.metadata.full_paths),
+              base_sha256=sha256)  # fmt: skip
     if requests and ctx.is_main:  # only rank 0 samples; the encoders load lazily, at the first sample
         run.sampler = TrainingSampler(cfg, ctx.device, requests)
     loader = DataLoader(

@@ -172,9 +172,7 @@ def _fill_alphas(out: dict[str, torch.Tensor], fmt: str, folded_alphas, peft_con
     groups = group_by_module(out)
     for path, tensors in groups.items():
         rank = _alpha_divisor(tensors)
-        if rank is None:
-            if "alpha" in tensors and not _is_low_rank(tensors):
-                raise ValueError(f"{path}.alpha has no LoRA/LoHa/LoKr tensors beside it")
+        if rank is None:  # full deltas only (or a lone alpha, which building the network reports)
             continue
         if "alpha" in tensors:
             alpha = float(tensors["alpha"])
@@ -183,10 +181,6 @@ def _fill_alphas(out: dict[str, torch.Tensor], fmt: str, folded_alphas, peft_con
         else:
             alpha = float(rank)
         out[f"{path}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-
-
-def _is_low_rank(tensors: Mapping[str, torch.Tensor]) -> bool:
-    return any(s in tensors for s in (*LORA_SUFFIXES, *LOHA_SUFFIXES, *LOKR_SUFFIXES))
 
 
 def _alpha_divisor(tensors: Mapping[str, torch.Tensor]) -> int | None:

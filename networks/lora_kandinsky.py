@@ -57,7 +57,7 @@ from networks.formats import (
     to_canonical,
 )
 from networks.lora import LoRANetwork, adapter_factory, modules_from_canonical
-from networks.metadata import folded_alphas_from_metadata, format_metadata, kohya_hashes
+from networks.metadata import folded_alphas_from_metadata, format_metadata, kohya_hashes, modelspec_metadata
 
 __all__ = [
     "DEFAULT_INCLUDE_PATTERNS",
@@ -71,6 +71,7 @@ __all__ = [
     "read_adapter",
     "load_lora_state_dict",
     "training_metadata",
+    "modelspec_metadata",
     "main",
 ]
 
@@ -216,10 +217,9 @@ def create_network_from_weights(
     ``metadata`` (the file's header) lets a raw diffusers-format file written by us recover its original alpha.
     ``for_inference``: parameters frozen and eval mode.  The network is not applied; merge or ``apply_to``.
     """
-    meta = dict(metadata or {})
-    origins = dict(origins or {})
-    sd, _ = to_canonical(weights_sd, K5_SEGMENTS, folded_alphas_from_metadata(meta), None, origins)
-    modules = modules_from_canonical(dit, sd, multiplier, origins=origins)
+    meta, given, local = dict(metadata or {}), dict(origins or {}), {}
+    sd, _ = to_canonical(weights_sd, K5_SEGMENTS, folded_alphas_from_metadata(meta), None, local)
+    modules = modules_from_canonical(dit, sd, multiplier, origins={k: given.get(v, v) for k, v in local.items()})
     network = LoRANetwork(dit, modules=modules, network_module=meta.get("ss_network_module", NETWORK_MODULE))
     if for_inference:
         network.requires_grad_(False).eval()

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from kandinsky5.common import UserError, get_logger
 
-__all__ = ["PromptLine", "parse_prompt_line", "read_prompt_file", "LINE_KEYS"]
+__all__ = ["PromptLine", "parse_prompt_line", "read_prompt_file", "prepend_trigger", "LINE_KEYS"]
 
 log = get_logger(__name__)
 
@@ -130,3 +130,12 @@ def read_prompt_file(path: str | Path) -> list[PromptLine]:
     if not lines:
         raise UserError(f"--prompt_file {path} has no prompts (only blank or # comment lines)")
     return lines
+
+
+def prepend_trigger(trigger: str, prompt: str) -> str:
+    """``trigger + prompt`` as the official pipeline prepends a LoRA's ``trigger`` metadata; a space is inserted
+    when neither side has one at the joint, and a prompt that already starts with the trigger is left alone."""
+    if not trigger or prompt.startswith(trigger):
+        return prompt
+    joint = "" if trigger[-1:].isspace() or prompt[:1].isspace() or not prompt else " "
+    return trigger + joint + prompt

@@ -36,6 +36,9 @@ class NetworkConfig:
     dropout: float | None = None  # --network_dropout (rank-activation dropout)
     args: Mapping[str, Any] = field(default_factory=dict)  # --network_args, literal-parsed
     weights: Path | None = None  # --network_weights: start from this LoRA
+    dim_from_weights: bool = False  # --dim_from_weights: modules, kinds, ranks and alphas from --network_weights
+    base_weights: tuple[Path, ...] = ()  # --base_weights: merged into the DiT before training
+    base_multipliers: tuple[float, ...] = ()  # --base_weights_multiplier, one per base file
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,25 @@ class SaveConfig:
     last_n_epochs: int | None = None  # keep only the newest N epoch checkpoints (and their states)
     last_n_steps: int | None = None  # keep only the newest N step checkpoints (and their states)
     save_state: bool = False  # write a resumable state directory with every checkpoint and at the end
-    format: str = "diffusers"
+    format: str | None = None  # None: diffusers for LoRA, comfyui for LoHa / LoKr
+    precision: torch.dtype | None = None  # --save_precision (None: the training dtype, fp32)
+
+
+@dataclass(frozen=True)
+class MetadataConfig:
+    """What the saved adapter files say about the run (--no_metadata, --trigger_word, --metadata_*)."""
+
+    enabled: bool = True  # False (--no_metadata): only the minimum kohya keys, modelspec and the trigger word
+    trigger_word: str | None = None  # stored as the official ``trigger`` key
+    training_comment: str | None = None
+    title: str | None = None  # modelspec.title (default: --output_name)
+    author: str | None = None
+    description: str | None = None
+    license: str | None = None
+    tags: str | None = None
+    resolution: str | None = None  # "W,H" (default: the task's resolution)
+    architecture: str | None = None  # overrides modelspec.architecture
+    full_paths: bool = False  # ss_datasets with absolute paths instead of directory names
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,7 @@ class TrainConfig:
     persistent_workers: bool = False
     resume: Path | None = None
     logging_dir: Path | None = None
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
 
     @property
     def weight_dtype(self) -> torch.dtype:

@@ -59,6 +59,8 @@ class Run:
     last_checkpoint: Path | None = None
     sampler: TrainingSampler | None = None
     started_at: float = field(default_factory=time.time)
+    datasets: list | None = None  # ss_datasets summary (dataset.summary)
+    base_sha256: str | None = None  # full sha256 of the base checkpoint (None with --no_metadata)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -109,7 +111,9 @@ def lora_metadata(run: Run) -> dict[str, object]:
         "ss_network_dropout": cfg.network.dropout, "ss_training_started_at": run.started_at,
         "ss_training_finished_at": time.time(),
     }  # fmt: skip
-    return run.module.training_metadata(
+    from kandinsky5.train.adapters import file_metadata
+
+    full = run.module.training_metadata(
         run.network,
         task=cfg.task.name,
         base_checkpoint_hash=run.fingerprint,
@@ -118,6 +122,7 @@ def lora_metadata(run: Run) -> dict[str, object]:
         network_args=dict(cfg.network.args),
         **{k: str(v) for k, v in extra.items()},
     )
+    return file_metadata(run, full)
 
 
 def save_checkpoint(run: Run, stem: str, state: bool) -> None:
@@ -126,7 +131,7 @@ def save_checkpoint(run: Run, stem: str, state: bool) -> None:
     rng = gather_rng(run.ctx, run.generator) if state else []
     if run.ctx.is_main:
         path = cfg.save.output_dir / f"{stem}.safetensors"
-        run.module.save_lora(path, run.network, lora_metadata(run), format=cfg.save.format)
+        run.module.save_lora(path, run.network, lora_metadata(run), format=cfg.save.format, dtype=cfg.save.precision)
         run.last_checkpoint = path
         if state:
             info = {"seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": path.name}

@@ -4,6 +4,7 @@ prompts are encoded once, and each sampling event denoises with the current LoRA
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ import torch
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.sampling import pipeline
-from kandinsky5.sampling.prompts import read_prompt_file
+from kandinsky5.sampling.prompts import prepend_trigger, read_prompt_file
 from kandinsky5.train.config import TrainConfig
 from kandinsky5.train.state import (
     capture_rng,
@@ -26,8 +27,11 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 
-def sample_requests(task: TaskConfig, prompts: Path) -> list[pipeline.GenerationRequest]:
+def sample_requests(task: TaskConfig, prompts: Path, trigger: str | None = None) -> list[pipeline.GenerationRequest]:
     """Parse and check the ``--sample_prompts`` file (no model needed); errors name the flag, file and line.
+
+    ``trigger`` (--trigger_word) is prepended to each prompt as the official pipeline and our generator will do
+    with the saved file (prompts that already start with it are left alone).
 
     The trainer calls this at start-up, before the DiT loads, so a bad prompt file fails in seconds, not at the
     first sample after hours of training.
@@ -36,6 +40,8 @@ def sample_requests(task: TaskConfig, prompts: Path) -> list[pipeline.Generation
         raise UserError(f"--sample_prompts {prompts} does not exist")
     requests = []
     for line in read_prompt_file(prompts):
+        if trigger:
+            line = dataclasses.replace(line, prompt=prepend_trigger(trigger, line.prompt))
         try:
             requests.append(pipeline.request_from_line(task, line))
         except UserError as exc:
