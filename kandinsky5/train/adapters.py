@@ -154,7 +154,6 @@ def build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
     if n.dim_from_weights:
         network = _from_file(module, _read(module, n.weights, "--network_weights"), dit, 1.0, False,
                              "--network_weights")  # fmt: skip
-        network.network_module = n.module
         for adapter in network.lora_modules:
             adapter.dropout = n.dropout or 0.0
         log.info("network built from %s (--dim_from_weights)", n.weights)
@@ -199,6 +198,10 @@ def file_metadata(run: Run, full: dict[str, object]) -> dict[str, object]:
         full = {**full, "ss_training_comment": md.training_comment or "None", "ss_datasets": run.datasets or []}
         if run.base_sha256:
             full.update(k5_base_checkpoint_sha256=run.base_sha256, ss_new_sd_model_hash=run.base_sha256)
+        if cfg.network.base_weights:
+            full["k5_base_weights"] = {
+                p.name: m for p, m in zip(cfg.network.base_weights, cfg.network.base_multipliers)
+            }
     return {**full, **extra}
 
 
