@@ -39,14 +39,18 @@ def count(cfg, module: str, dim: int, args: dict) -> int:
 
 
 def main() -> None:
-    print("| --network_module | --network_dim | --network_args | Pro params | Pro fp32 + Adam | Lite params | "
-          "Lite fp32 + Adam |")
+    print(
+        "| --network_module | --network_dim | --network_args | Pro params | Pro fp32 + Adam | Lite params | "
+        "Lite fp32 + Adam |"
+    )
     print("|---|---|---|---|---|---|---|")
     for module, dim, args in SETTINGS:
         pro, lite = count(PRO_DIT, module, dim, args), count(LITE_DIT, module, dim, args)
         text = " ".join(f"{k}={v}" for k, v in args.items()) or "-"
-        print(f"| {module.split('.')[1]} | {dim} | {text} | {pro / 1e6:.2f} M | {pro * 12 / 2**20:.0f} MiB | "
-              f"{lite / 1e6:.2f} M | {lite * 12 / 2**20:.0f} MiB |")
+        print(
+            f"| {module.split('.')[1]} | {dim} | {text} | {pro / 1e6:.2f} M | {pro * 12 / 2**20:.0f} MiB | "
+            f"{lite / 1e6:.2f} M | {lite * 12 / 2**20:.0f} MiB |"
+        )
 
 
 if __name__ == "__main__":
