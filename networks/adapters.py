@@ -228,7 +228,7 @@ class TensorDiff(_ForwardPatch, nn.Module):
         self.multiplier = multiplier
         self.rank = None
         self._attached = None
-        self._owner: nn.Module | None = None
+        self._owner_ref: tuple[nn.Module, ...] = ()  # a tuple: the model's module must not become our submodule
 
     @property
     def delta(self) -> nn.Parameter:
@@ -247,7 +247,7 @@ class TensorDiff(_ForwardPatch, nn.Module):
 
     def attach_to_model(self, model: nn.Module, path: str) -> None:
         owner = self.check_target(model, path)
-        self._owner = owner
+        self._owner_ref = (owner,)
         if isinstance(owner, nn.Linear):
             self._attach_forward(owner)
             self._mode = "linear"
@@ -269,7 +269,7 @@ class TensorDiff(_ForwardPatch, nn.Module):
     def forward(self, *args, **kwargs):
         if self._mode == "linear":
             return self._linear_forward(*args, **kwargs)
-        owner, attr = self._owner, self.attr
+        owner, attr = self._owner_ref[0], self.attr
         stored = owner._parameters[attr]
         owner._parameters[attr] = (stored.float() + self.multiplier * self.delta.float()).to(stored.dtype)
         try:

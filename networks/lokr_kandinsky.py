@@ -9,18 +9,13 @@ format ``comfyui``) unless ``--save_format musubi``; the diffusers (PEFT) format
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from torch import nn
-
-from networks.lora import LoRANetwork
 from networks.lora_kandinsky import (
     DEFAULT_INCLUDE_PATTERNS,
     K5_SEGMENTS,
-    build_network,
     create_network_from_weights,
     load_lora_state_dict,
     modelspec_metadata,
+    network_creator,
     read_adapter,
     save_lora,
     training_metadata,
@@ -42,15 +37,4 @@ __all__ = [
 NETWORK_MODULE = "networks.lokr_kandinsky"
 
 
-def create_network(
-    multiplier: float,
-    network_dim: int | None,
-    network_alpha: float | None,
-    dit: nn.Module,
-    network_args: Mapping[str, object] | None = None,
-    neuron_dropout: float | None = None,
-    **kwargs,
-) -> LoRANetwork:
-    """A new LoKr network (ΔW = 0) for ``dit``: rank ``network_dim`` (default 4), ``network_alpha`` (default 1)."""
-    return build_network("lokr", NETWORK_MODULE, multiplier, network_dim, network_alpha, dit, network_args,
-                         neuron_dropout, **kwargs)  # fmt: skip
+create_network = network_creator("lokr", NETWORK_MODULE)

@@ -384,7 +384,7 @@ def modules_from_canonical(
         try:
             out.extend(_modules_for_path(dit, path, tensors, multiplier, dtype))
         except ValueError as exc:
-            key = f"{path}.{next(iter(tensors))}"
+            key = f"{path}.{next((s for s in tensors if s != 'alpha'), 'alpha')}"  # name a weight, not alpha
             raise AdapterKeyError((origins or {}).get(key, key), str(exc)) from None
     return out
 

@@ -47,7 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from kandinsky5.common import atomic_path, parse_dtype
+from kandinsky5.common import UserError, atomic_path, parse_dtype
 from networks.formats import (
     FORMATS,
     from_canonical,
@@ -66,6 +66,7 @@ __all__ = [
     "AdapterFile",
     "create_network",
     "build_network",
+    "network_creator",
     "create_network_from_weights",
     "save_lora",
     "read_adapter",
@@ -200,6 +201,20 @@ def create_network(
     """
     return build_network("lora", NETWORK_MODULE, multiplier, network_dim, network_alpha, dit, network_args,
                          neuron_dropout, **kwargs)  # fmt: skip
+
+
+def network_creator(kind: str, network_module: str):
+    """The musubi-style ``create_network`` of a network module for adapter ``kind`` (LoHa / LoKr modules)."""
+
+    def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, dit: nn.Module,
+                       network_args: Mapping[str, object] | None = None, neuron_dropout: float | None = None,
+                       **kwargs) -> LoRANetwork:  # fmt: skip
+        return build_network(kind, network_module, multiplier, network_dim, network_alpha, dit, network_args,
+                             neuron_dropout, **kwargs)  # fmt: skip
+
+    create_network.__doc__ = (f"A new {kind} network (ΔW = 0) for ``dit``: rank ``network_dim`` (default 4), "
+                              "``network_alpha`` (default 1); not applied yet (call ``apply_to``).")  # fmt: skip
+    return create_network
 
 
 def create_network_from_weights(
@@ -412,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         dtype = parse_dtype(args.dtype) if args.dtype else None
         meta = convert(args.input, args.output, args.format, dtype)
-    except (OSError, ValueError) as exc:  # UserError, bad files, keys that cannot be applied: one line
+    except (OSError, ValueError, UserError) as exc:  # bad files, keys that cannot be applied: one line
         print(f"error: {args.input}: {exc}", file=sys.stderr)
         return 1
     rank, alpha = meta.get("ss_network_dim", "-"), meta.get("ss_network_alpha", "-")

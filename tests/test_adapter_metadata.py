@@ -134,6 +134,7 @@ def test_adapter_flag_errors(tiny_bundle, toy, tmp_path, capsys):
         (["--base_weights", str(tmp_path / "missing.safetensors")], "does not exist"),
         (["--base_weights_multiplier", "1", "2"], "2 --base_weights_multiplier values for 0"),
         (["--metadata_reso", "big"], "--metadata_reso 'big'"),
+        (["--network_module", "networks.loha_kandinsky", "--save_format", "diffusers"], "holds LoRA only"),
     ]
     for extra, message in cases:
         assert train(base_args(tiny_bundle, toy, tmp_path / "o") + extra) == 1

@@ -68,11 +68,17 @@ def add_adapter_file_args(p: argparse.ArgumentParser) -> None:
         help="save only the minimum kohya keys, modelspec and the trigger word (default: full metadata)",
     )
     g.add_argument("--training_comment", default=None, help="comment stored as ss_training_comment (default: none)")
-    for key, what in (("title", "title (default: --output_name)"), ("author", "author"), ("license", "license"),
-                      ("description", "description"), ("tags", "comma-separated tags"),
-                      ("reso", "resolution 'W,H' (default: the task's)"),
-                      ("arch", "architecture (default: Kandinsky-5/lora or Kandinsky-5/lycoris)")):  # fmt: skip
-        g.add_argument(f"--metadata_{key}", default=None, help=f"modelspec {what}; default: none unless stated")
+    helps = {
+        "title": "modelspec.title (default: --output_name)",
+        "author": "modelspec.author (default: none)",
+        "description": "modelspec.description (default: none)",
+        "license": "modelspec.license (default: none)",
+        "tags": "modelspec.tags, comma-separated (default: none)",
+        "reso": "modelspec.resolution as 'W,H' (default: the task's resolution)",
+        "arch": "modelspec.architecture (default: Kandinsky-5/lora, or Kandinsky-5/lycoris for LoHa/LoKr)",
+    }
+    for key, text in helps.items():
+        g.add_argument(f"--metadata_{key}", default=None, help=text)
     g.add_argument(
         "--metadata_full_paths",
         action="store_true",
@@ -103,6 +109,11 @@ def check_adapter_file_args(args: argparse.Namespace) -> tuple[tuple[Path, ...],
         raise UserError("--dim_from_weights builds the network from --network_weights; give --network_weights")
     if args.dim_from_weights and args.network_args:
         raise UserError("--network_args are not used with --dim_from_weights (targets and ranks come from the file)")
+    if args.save_format == "diffusers" and args.network_module in (
+        "networks.loha_kandinsky",
+        "networks.lokr_kandinsky",
+    ):
+        raise UserError(f"--save_format diffusers holds LoRA only; {args.network_module} saves comfyui or musubi")
     paths = tuple(Path(p) for p in args.base_weights or ())
     mults = list(args.base_weights_multiplier or ())
     if len(mults) > len(paths):
@@ -170,6 +181,9 @@ def build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
                 raise UserError(f"--network_weights {n.weights}: {exc} (same targets, kind and rank needed; "
                                 "--dim_from_weights takes them from the file)") from None  # fmt: skip
             log.info("network initialised from %s", n.weights)
+    kinds = sorted({getattr(m, "kind", "lora") for m in network.lora_modules} - {"lora"})
+    if cfg.save.format == "diffusers" and kinds:
+        raise UserError(f"--save_format diffusers holds LoRA only, this network has {kinds}; use comfyui or musubi")
     network.apply_to(dit)
     network.train()
     log.info("%s", network.summary())
