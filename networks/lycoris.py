@@ -15,8 +15,10 @@ factorization(out, factor)`` (the smaller factor first); ``w2`` is factored with
 ``network_dim < max(out_l, in_m) / 2``.
 
 Initialisation gives ΔW = 0: LoHa ``hada_w2_a = 0`` (others random), LoKr ``w2 = 0`` (full) or ``lokr_w2_b = 0``.
-Runtime branch: LoKr computes ``w1 · X · w2ᵀ`` on ``x`` reshaped to (…, in_m, in_n) (never the full ΔW);
-LoHa forms ΔW inside a checkpointed function, so backward keeps only the factors, not one ΔW per layer.
+Runtime branch: LoKr computes ``w1 · X · w2ᵀ`` on ``x`` reshaped to (N, in_m, in_n) as two GEMMs (never the full
+ΔW);
+LoHa forms ΔW per call; for layers above ``RECOMPUTE_NUMEL`` elements inside a checkpointed function, so
+backward keeps only the factors, not one ΔW per layer.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from torch.utils.checkpoint import checkpoint
 
 from networks.adapters import AdapterModule
 
-__all__ = ["LoHaModule", "LoKrModule", "factorization", "lokr_layout"]
+__all__ = ["LoHaModule", "LoKrModule", "factorization", "lokr_layout", "RECOMPUTE_NUMEL"]
+
+# LoHa layers with a larger ΔW (out * in elements) form it in a checkpointed function: backward keeps the factors
+# and recomputes ΔW instead of keeping one ΔW per layer alive (Pro: 16.8 M elements per attention projection).
+# Smaller ΔWs are cheaper to keep than to recompute.
+RECOMPUTE_NUMEL = 1 << 20
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -82,7 +89,8 @@ class LoHaModule(AdapterModule):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         scale, factors = self.multiplier * self.scale, self._factors()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in factors):
+        recompute = self.in_features * self.out_features > RECOMPUTE_NUMEL
+        if recompute and torch.is_grad_enabled() and any(p.requires_grad for p in factors):
             out = checkpoint(_hada_linear, x, *factors, scale, use_reentrant=False)
         else:
             out = _hada_linear(x, *factors, scale)
@@ -136,8 +144,10 @@ class LoKrModule(AdapterModule):
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         lay = self.layout
         w1, w2 = self.w1().to(x.dtype), self.w2().to(x.dtype)
-        blocks = x.unflatten(-1, (lay["in_m"], lay["in_n"]))  # (..., in_m, in_n)
-        out = torch.matmul(torch.matmul(w1, blocks), w2.t()).flatten(-2)  # w1 · X · w2ᵀ = kron(w1, w2) x
+        blocks = x.reshape(-1, lay["in_m"], lay["in_n"])  # (N, in_m, in_n)
+        z = torch.matmul(blocks, w2.t())  # (N, in_m, out_k): one GEMM over N * in_m rows
+        y = torch.matmul(z.transpose(1, 2), w1.t())  # (N, out_k, out_l): w1 · X · w2ᵀ, transposed
+        out = y.transpose(1, 2).reshape(*x.shape[:-1], self.out_features)  # kron(w1, w2) x
         return self.regularise_output(out * (self.multiplier * self.scale))
 
     @torch.no_grad()

@@ -160,6 +160,25 @@ def test_network_args_and_dropouts(dit):
     assert torch.equal(module.branch(x), module.branch(x))
 
 
+def test_loha_recomputed_delta_gives_the_same_gradients(monkeypatch):
+    """Large LoHa layers recompute ΔW in backward (checkpoint) instead of keeping it: same values, same grads."""
+    from networks import lycoris
+
+    module = lycoris.LoHaModule("m", 64, 32, 4, 2.0)
+    randomize_(module, 1, std=0.3)
+    x = torch.randn(3, 64, requires_grad=True)
+    grads = []
+    for numel in (1 << 30, 0):  # keep ΔW / recompute it
+        monkeypatch.setattr(lycoris, "RECOMPUTE_NUMEL", numel)
+        module.zero_grad()
+        x.grad = None
+        out = module.branch(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in module.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+    assert all(torch.allclose(a, b) for a, b in zip(grads[0][2], grads[1][2]))
+
+
 def test_lokr_module_parameter_count():
     module = LoKrModule("m", 128, 128, lokr_layout(128, 128, 4))
     assert module.num_parameters() == 8 * 8 + 16 * 4 + 4 * 16  # full w1 (8x8) + w2 = (16x4)(4x16)
@@ -167,8 +186,8 @@ def test_lokr_module_parameter_count():
 
 @pytest.mark.slow
 def test_train_lokr_then_generate_merged_and_runtime(tiny_bundle, tmp_path):
-    """Four scripts' path on the tiny bundle: the trainer writes a LoKr file (ComfyUI keys), the generator
-    applies it in merge and runtime mode with the same result."""
+    """Four scripts' path on the tiny bundle: the trainer writes a LoKr file (ComfyUI keys, trigger word), the
+    generator applies it (merge == runtime is checked on the DiT above)."""
     from tests.test_generate_cli import SMALL, _latents, _run
     from tests.test_train_cli import base_args, train
     from tests.test_training import write_toy_cache
@@ -183,13 +202,11 @@ def test_train_lokr_then_generate_merged_and_runtime(tiny_bundle, tmp_path):
     assert adapter.metadata["ss_network_module"] == "networks.lokr_kandinsky"
     assert adapter.metadata["modelspec.architecture"] == "Kandinsky-5/lycoris"
     results = {}
-    for mode in ("merge", "runtime"):
-        path = tmp_path / f"{mode}.safetensors"
-        assert _run(tiny_bundle, "--prompt", "a red ball", *SMALL, "--save_latents", path, "--lora_weight",
-                    out / "lora.safetensors", "--lora_mode", mode) == 0  # fmt: skip
-        results[mode] = _latents(path)
-    a, b = results["runtime"], results["merge"]  # q/k bf16 rounding after RoPE amplifies fp32 op-order changes
-    assert float((a - b).abs().max()) <= 1e-3 * float(b.abs().max())
+    for name, extra in (("base", []), ("merge", ["--lora_weight", out / "lora.safetensors"])):
+        path = tmp_path / f"{name}.safetensors"
+        assert _run(tiny_bundle, "--prompt", "a red ball", *SMALL, "--save_latents", path, *extra) == 0
+        results[name] = _latents(path)
+    assert float((results["merge"] - results["base"]).abs().max()) > 1e-4  # the trained LoKr changes the video
 
 
 def _mixed_network(model):
@@ -231,6 +248,6 @@ def test_mixed_adapters_train_identically_with_block_swap(ckpt):
             memory.enable_block_swap(model, swap, "cpu", simulate=True)
         if ckpt:
             memory.enable_gradient_checkpointing(model, False)
-        runs.append(_train(model, net, steps=2))
+        runs.append(_train(model, net, steps=1))
     _assert_identical(*runs)
     assert all(g.abs().sum() > 0 for g in runs[0][1][0])  # every adapter tensor, diff included, gets a gradient
