@@ -37,7 +37,9 @@ from dataset.caching import (
     BucketBatcher,
     Failures,
     Throughput,
+    check_cache_dirs,
     latent_expect,
+    latent_item_bytes,
     needs_build,
     prefetch_map,
     progress_bar,
@@ -46,14 +48,14 @@ from dataset.caching import (
 from dataset.config import DatasetSpec, load_dataset_config
 from dataset.media import Clip, ClipPlan, MediaError, load_clips, nabla_resize, plan_clips
 from dataset.sources import Item, iter_items
-from kandinsky5.cli import add_config_file_arg, parse_args, run_main
+from kandinsky5.cli import HelpFormatter, add_config_file_arg, add_debug_arg, parse_args, run_main
 from kandinsky5.common import UserError, get_logger, parse_dtype, resolve_device
 from kandinsky5.model.vae import SCALING_FACTOR, VideoVAE
+from kandinsky5.musubi_compat import add_musubi_args
 
 log = get_logger("kandinsky5_cache_latents")
 
 DEFAULT_TILE = 256  # --vae_tiling without a value: diffusers' spatial tile size in pixels
-DTYPE_CHOICES = ("float16", "bfloat16", "float32")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Exit status: 0 all cached, 1 bad arguments or config (nothing done), {EXIT_FAILURES} some media "
         "could not be read (listed at the end; everything else was cached).",
         allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--dataset_config", default=None, help="dataset TOML/JSON (docs/dataset_config.md); required")
     parser.add_argument(
@@ -92,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="encode device, e.g. cuda, cuda:1, cpu (default: cuda if any)")
     parser.add_argument(
         "--vae_dtype",
-        choices=DTYPE_CHOICES,
         default=None,
-        help="VAE weights/compute dtype, also the dtype the latents are stored in "
+        help="VAE weights/compute dtype, also the dtype the latents are stored in: float16, bfloat16 or float32 "
+        "(fp16, bf16, fp32 too) "
         "(default: float16 on CUDA as musubi and the official code, float32 on CPU where float16 is slow)",
     )
     parser.add_argument(
@@ -132,7 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads that probe, decode and resize media ahead of the VAE; 0 = no prefetch "
         "(default: CPU count - 1, at most 8)",
     )
+    parser.add_argument(
+        "--disable_cudnn_backend",
+        action="store_true",
+        help="turn off PyTorch's cuDNN backend for the VAE convolutions (a workaround for some AMD/ROCm GPUs)",
+    )
     add_config_file_arg(parser)
+    add_debug_arg(parser)
+    add_musubi_args(parser, "cache_latents")
     return parser
 
 
@@ -148,6 +158,7 @@ class Settings:
     nabla_resize: bool
     skip_existing: bool
     keep_cache: bool
+    disable_cudnn: bool = False
 
     def describe(self) -> str:
         tiling = f"{self.tile} px tiles (stride {_tile_stride(self.tile)})" if self.tile else "off"
@@ -181,7 +192,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.skip_existing and args.overwrite:
         log.info("--overwrite given: ignoring skip_existing from --config_file")
     device = resolve_device(args.device)
-    dtype = parse_dtype(args.vae_dtype or ("float16" if device.type == "cuda" else "float32"))
+    try:
+        dtype = parse_dtype(args.vae_dtype or ("float16" if device.type == "cuda" else "float32"))
+    except UserError as exc:
+        raise UserError(f"--vae_dtype: {exc}") from None
     workers = args.num_workers if args.num_workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
     return Settings(
         dataset_config=Path(args.dataset_config),
@@ -194,6 +208,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         nabla_resize=args.nabla_resize,
         skip_existing=args.skip_existing and not args.overwrite,
         keep_cache=args.keep_cache,
+        disable_cudnn=args.disable_cudnn_backend,
     )
 
 
@@ -305,6 +320,7 @@ def encode_batch(vae: VideoVAE, batch: list[Pending], s: Settings, failures: Fai
             "bucket_size": p.plan.bucket_size,
             "encoded_size": encoded_size,
             "frame_indices": p.plan.frame_indices,
+            "source_frames": p.plan.source_frames,
             "nabla_resize": s.nabla_resize,
             "vae": vae.identity,
             "vae_tiling": s.tile,
@@ -374,8 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = settings_from_args(parse_args(build_parser(), argv))
     config = load_dataset_config(s.dataset_config)
     datasets = [(spec, iter_items(spec)) for spec in config.datasets]  # config / caption errors before loading
+    check_cache_dirs(datasets, "latents", lambda spec: latent_item_bytes(spec, s.dtype.itemsize, s.nabla_resize))
     if s.device.type == "cpu" and s.num_workers:  # decode threads + all-core intra-op threads thrash (10x slower)
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - s.num_workers))
+    if s.disable_cudnn:
+        torch.backends.cudnn.enabled = False
+        log.info("--disable_cudnn_backend: cuDNN is off for this run")
     vae = VideoVAE.load(str(s.vae), s.device, s.dtype)
     if s.tile:
         vae.enable_tiling(s.tile, _tile_stride(s.tile))

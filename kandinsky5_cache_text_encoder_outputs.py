@@ -8,11 +8,13 @@ One ``<item_key>_k5_te.safetensors`` per item (shared by all clips of a video), 
 ``dataset.cache``: ``text_embeds`` (L, D) -- the L <= max_length real Qwen tokens after the template prefix, no
 padding -- and ``pooled_embed`` (Dc,), both in the encoder dtype.
 
-Prompt template and max length come from ``--task`` (default ``k5-pro-t2v-5s-sd``, so the command above works
-without it): the *video* template and 256 tokens for every video task, applied to image and video datasets alike,
-because that is how the model is conditioned at inference (musubi used the image template and 512 tokens here:
-its defects #2 and #3).  The metadata records template, max length, task family, encoder identity and caption, so
-the trainer refuses a cache made otherwise (``dataset/caching.py`` documents the ``expect`` contract).
+Prompt template and max length follow inference exactly: 256 tokens (``--task``, default ``k5-pro-t2v-5s-sd``, so
+the command above works without it), the *video* template for clips of more than one frame and the *image*
+template for images and 1-frame clips, as the official sampler picks it (``configs.prompt_template``).  An item
+whose clips need both (a video dataset with ``target_frames = [1, 25]``) gets both in its one cache file.  (musubi
+used the image template and 512 tokens for everything: its defects #2 and #3.)  The metadata records templates, max
+length, task family, encoder identity and caption, so the trainer refuses a cache made otherwise
+(``dataset/caching.py`` documents the ``expect`` contract).
 
 Captions are encoded in batches of ``--batch_size`` (sorted by length, so little padding is computed); a batch
 gives the same rows as one caption at a time (right padding, causal Qwen, per-prompt CLIP).
@@ -29,13 +31,31 @@ from pathlib import Path
 import torch
 
 from dataset.cache import text_cache_path, write_text_cache
-from dataset.caching import Throughput, needs_build, progress_bar, remove_stale, text_expect
+from dataset.caching import (
+    Throughput,
+    check_cache_dirs,
+    item_templates,
+    needs_build,
+    progress_bar,
+    remove_stale,
+    text_expect,
+    text_item_bytes,
+)
 from dataset.config import DatasetSpec, load_dataset_config
 from dataset.sources import Item, iter_items
-from kandinsky5.cli import add_config_file_arg, add_model_args, parse_args, run_main, task_from_args
+from kandinsky5.cli import (
+    HelpFormatter,
+    add_config_file_arg,
+    add_debug_arg,
+    add_model_args,
+    parse_args,
+    run_main,
+    task_from_args,
+)
 from kandinsky5.common import UserError, get_logger, parse_dtype, resolve_device
 from kandinsky5.configs import TaskConfig
 from kandinsky5.model.text_encoders import TextEncoder
+from kandinsky5.musubi_compat import add_musubi_args
 
 log = get_logger("kandinsky5_cache_text_encoder_outputs")
 
@@ -53,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode every caption of a dataset config with Qwen2.5-VL + CLIP into text caches for "
         "kandinsky5_train_network.py.",
         allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--dataset_config", default=None, help="dataset TOML/JSON (docs/dataset_config.md); required")
     add_model_args(parser, dit=False, vae=False, text=True)
@@ -60,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest == "task":
             action.default = DEFAULT_TASK
             action.help = (
-                f"task whose prompt template and text length are used (default: {DEFAULT_TASK}; every video task "
-                f"uses the video template and 256 tokens, for image and video datasets alike). {action.help}"
+                f"task whose text length and video template are used (default: {DEFAULT_TASK}; every video task "
+                f"uses 256 tokens and the video template, 1-frame items the image template as at inference). "
+                f"{action.help}"
             )
         elif action.dest in ("text_encoder_qwen", "text_encoder_clip"):
             action.help += "; required"
@@ -106,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tool; foreign files are never deleted)",
     )
     add_config_file_arg(parser)
+    add_debug_arg(parser)
+    add_musubi_args(parser, "cache_text")
     return parser
 
 
@@ -124,7 +148,8 @@ class Settings:
 
     def describe(self) -> str:
         return (
-            f"text caching: device {self.device}, dtype {_name(self.dtype)}, template {self.task.text_template!r}, "
+            f"text caching: device {self.device}, dtype {_name(self.dtype)}, template {self.task.text_template!r} "
+            f"('image' for 1-frame clips), "
             f"max length {self.task.text_max_length} tokens (task {self.task.name}), Qwen "
             f"{'4-bit NF4' if self.qwen_4bit else 'not quantized'}, batch size {self.batch_size or 'per dataset'}, "
             f"existing caches {'kept when valid' if self.skip_existing else 'rebuilt'}, stale caches "
@@ -171,43 +196,53 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 class Job:
     item: Item
     path: Path
+    templates: tuple[str, ...]  # prompt templates its clips need, main one first (1 frame: "image")
 
 
-def plan(spec: DatasetSpec, items: list[Item], base_expect: dict, skip_existing: bool) -> list[Job]:
+def plan(spec: DatasetSpec, items: list[Item], base_expect: dict, s: Settings) -> list[Job]:
     """Items whose text cache must be (re)built, sorted by caption length (similar lengths share a batch)."""
     jobs = []
     for item in items:
         path = text_cache_path(spec.cache_directory, item.key)
-        if needs_build(path, {**base_expect, "item_key": item.key, "caption": item.caption}, skip_existing):
-            jobs.append(Job(item, path))
+        templates = tuple(item_templates(spec, s.task, item))
+        expect = {**base_expect, "item_key": item.key, "caption": item.caption, "templates": list(templates)}
+        if needs_build(path, expect, s.skip_existing):
+            jobs.append(Job(item, path, templates))
     return sorted(jobs, key=lambda job: len(job.item.caption))
 
 
 def encode_batch(encoder: TextEncoder, batch: list[Job], s: Settings, base_meta: dict) -> None:
-    """Encode a batch of captions and write one cache file per item (padding removed)."""
-    try:
-        out = encoder.encode([job.item.caption for job in batch], s.task.text_template, s.task.text_max_length)
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(
-            f"out of GPU memory encoding {len(batch)} caption(s); lower --batch_size or add --qwen_4bit, then re-run "
-            "with --skip_existing to keep what is already cached"
-        ) from None
+    """Encode a batch of captions with every template they need; write one cache file per item (padding removed)."""
+    encoded: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for template in dict.fromkeys(t for job in batch for t in job.templates):
+        rows = [i for i, job in enumerate(batch) if template in job.templates]
+        try:
+            out = encoder.encode([batch[i].item.caption for i in rows], template, s.task.text_max_length)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(
+                f"out of GPU memory encoding {len(rows)} caption(s); lower --batch_size or add --qwen_4bit, then "
+                "re-run with --skip_existing to keep what is already cached"
+            ) from None
+        for row, i in enumerate(rows):
+            embeds, pooled = out.unpadded(row)
+            encoded[template, i] = embeds.to(s.dtype), pooled.to(s.dtype)
     for i, job in enumerate(batch):
-        embeds, pooled = out.unpadded(i)
-        meta = {**base_meta, "item_key": job.item.key, "caption": job.item.caption}
-        write_text_cache(job.path, embeds.to(s.dtype), pooled.to(s.dtype), meta)
+        main, *rest = job.templates
+        meta = {**base_meta, "item_key": job.item.key, "caption": job.item.caption, "template": main}
+        write_text_cache(job.path, *encoded[main, i], meta, {t: encoded[t, i] for t in rest})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     s = settings_from_args(parse_args(build_parser(), argv))
     config = load_dataset_config(s.dataset_config)
     datasets = [(spec, iter_items(spec)) for spec in config.datasets]  # config / caption errors before loading
+    check_cache_dirs(datasets, "text", lambda spec: text_item_bytes(spec, s.task, s.dtype.itemsize))
     encoder = TextEncoder.load(s.qwen, s.clip, s.device, s.dtype, qwen_4bit=s.qwen_4bit)
     log.info("%s; encoders %s", s.describe(), encoder.identity)
     base = {**text_expect(s.task, encoder.identity), "dtype": _name(s.dtype), "qwen_4bit": s.qwen_4bit}
     base_meta = {k: v for k, v in base.items() if k not in ("stage", "format_version")} | {"task": s.task.name}
     stats = Throughput("caption")
-    work = [(spec, plan(spec, items, base, s.skip_existing)) for spec, items in datasets]
+    work = [(spec, plan(spec, items, base, s)) for spec, items in datasets]
     stats.skipped = sum(len(items) for _, items in datasets) - sum(len(jobs) for _, jobs in work)
     log.info("%d caption(s) to encode, %d up to date", sum(len(jobs) for _, jobs in work), stats.skipped)
     stats.restart()

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 
 from kandinsky5.cli import (
+    HelpFormatter,
     add_attention_args,
     add_config_file_arg,
+    add_debug_arg,
     add_memory_args,
     add_model_args,
     attention_spec_from_args,
@@ -35,11 +37,14 @@ from kandinsky5.cli import (
     run_main,
     task_from_args,
 )
-from kandinsky5.common import UserError, atomic_path, get_logger, parse_dtype, resolve_device
-from kandinsky5.configs import TaskConfig
+from kandinsky5.common import UserError, get_logger, parse_dtype, resolve_device
+from kandinsky5.configs import TaskConfig, latent_frames
+from kandinsky5.files import load_safetensors, read_safetensors_header, save_safetensors
+from kandinsky5.musubi_compat import add_musubi_args
+from kandinsky5.preflight import check_output_files, warn_task_mismatch
 from kandinsky5.sampling.pipeline import GenerationRequest, GenerationResult, Kandinsky5Pipeline, request_from_line
 from kandinsky5.sampling.prompts import PromptLine, prepend_trigger, read_prompt_file
-from kandinsky5.sampling.video_io import check_writable, to_uint8_frames, write_image, write_video
+from kandinsky5.sampling.video_io import check_writable, estimate_bytes, to_uint8_frames, write_image, write_video
 
 log = get_logger("kandinsky5_generate_video")
 
@@ -56,15 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Generate a video (or an image) with a Kandinsky 5 model.  Defaults come from --task.",
         allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     add_model_args(parser)
     add_attention_args(parser)
     add_memory_args(parser)
     add_config_file_arg(parser)
+    add_debug_arg(parser)
     _add_generation_args(parser)
     _add_conditioning_args(parser)
     _add_output_args(parser)
     _add_runtime_args(parser)
+    add_musubi_args(parser, "generate")
     return parser
 
 
@@ -75,7 +83,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
         "--prompt_file",
         default=None,
         help="text file, one generation per line with optional overrides --w --h --f --d --s --g --n --i --l "
-        "(see docs/inference.md); lines starting with # are skipped",
+        "(see docs/inference.md; lines starting with # are skipped), or musubi's .toml / .json prompt file",
     )
     g.add_argument(
         "--negative_prompt",
@@ -88,10 +96,11 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
         "--frames",
         type=int,
         default=None,
-        help="number of VIDEO frames, 4k+1 (1, 5, ..., 121 = 5 s at 24 fps); 1 writes an image (task default)",
+        help="number of VIDEO frames, 4k+1 (1, 5, ..., 121 = 5 s at 24 fps); 1 writes an image (task default). "
+        "musubi's --frames counts latent frames: its --frames 17 is --frames 65 here",
     )
     g.add_argument("--steps", type=int, default=None, help="denoising steps (task default, 50 for most)")
-    g.add_argument("--guidance", type=float, default=None, help="CFG weight; 1 disables the negative pass (task)")
+    g.add_argument("--guidance", type=float, default=None, help="CFG weight, 1 = no negative pass (task default)")
     g.add_argument(
         "--scheduler_scale", type=float, default=None, help="time-grid shift s in t = s*u/(1+(s-1)*u) (task default)"
     )
@@ -249,7 +258,20 @@ def _plan_outputs(args, requests: list[GenerationRequest]) -> tuple[list[Path | 
             raise UserError(f"--save_latents {path} already exists; pass --overwrite to replace it")
     if len(set(media + latents) - {None}) != len([p for p in media + latents if p is not None]):
         raise UserError("two generations would write the same file; use distinct --output and --save_latents")
+    check_output_files(_output_sizes(media, latents, requests), "output directory")
     return media, latents
+
+
+def _output_sizes(media: list, latents: list, requests: list[GenerationRequest]) -> list[tuple[Path, int]]:
+    """(path, estimated bytes) of every file this run writes (for the free-space check)."""
+    sizes = []
+    for path, latent, r in zip(media, latents, requests):
+        spec = r.spec
+        if path is not None:
+            sizes.append((path, estimate_bytes(path, spec.frames, spec.width, spec.height)))
+        if latent is not None:
+            sizes.append((latent, latent_frames(spec.frames) * (spec.width // 8) * (spec.height // 8) * 16 * 4))
+    return sizes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,16 +282,18 @@ def _plan_outputs(args, requests: list[GenerationRequest]) -> tuple[list[Path | 
 def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
     """Everything about the DiT side that can be checked before any model is loaded -> (attention, memory)."""
     from kandinsky5.memory.build import memory_config_from_args
-    from kandinsky5.model.loading import checkpoint_files
+    from kandinsky5.model.loading import checkpoint_files, checkpoint_metadata
 
     if not args.dit:
         raise UserError("--dit is required (the task fixes the architecture, not the weights)")
     checkpoint_files(args.dit)
+    warn_task_mismatch(args.dit, checkpoint_metadata(args.dit), task, "--dit")  # also validates the header
     args.lora_multiplier = _lora_multipliers(args)  # one value per file from here on (the warning is said once)
     for path in args.lora_weight:
-        if not Path(path).exists():
-            raise UserError(f"--lora_weight {path} does not exist")
-    return attention_spec_from_args(args, task), memory_config_from_args(args)
+        if not Path(path).is_dir():  # an official LoRA directory is checked when it is read, just after
+            read_safetensors_header(path, "--lora_weight")  # a missing, truncated or foreign file: one line, now
+    precision = (getattr(torch, args.dtype), f"--dtype {args.dtype}")
+    return attention_spec_from_args(args, task, precision), memory_config_from_args(args)
 
 
 def _lora_multipliers(args: argparse.Namespace) -> list[float]:
@@ -305,7 +329,7 @@ def _read_loras(args: argparse.Namespace) -> list:
     adapters = []
     for path in args.lora_weight:
         try:
-            adapters.append(read_adapter(path))
+            adapters.append(read_adapter(path, "--lora_weight"))
         except (OSError, ValueError) as exc:
             raise UserError(f"LoRA {path} could not be read: {exc}") from None
     return adapters
@@ -376,30 +400,26 @@ def _write_media(path: Path, frames, fps: float, metadata: dict[str, str], overw
 
 
 def _save_latents(path: Path, result: GenerationResult, overwrite: bool) -> None:
-    from safetensors.torch import save_file
-
     if path.exists() and not overwrite:
         raise UserError(f"--save_latents {path} already exists; pass --overwrite to replace it")
     meta = {**result.metadata, "format": LATENTS_FORMAT}
-    with atomic_path(path) as tmp:
-        save_file({LATENTS_KEY: result.latents.float().contiguous()}, str(tmp), metadata=meta)
+    save_safetensors({LATENTS_KEY: result.latents.float().contiguous()}, path, meta, what="--save_latents")
     print(f"saved latents {tuple(result.latents.shape)} to {path}")
 
 
 def _decode_only(args: argparse.Namespace) -> int:
     """--decode_latents: VAE decode of a saved latents file, written to --output with the file's settings."""
-    from safetensors import SafetensorError, safe_open
-
     if not args.output or not args.vae:
         raise UserError("--decode_latents needs --vae and --output")
-    try:
-        with safe_open(args.decode_latents, framework="pt") as f:
-            latents, meta = f.get_tensor(LATENTS_KEY), dict(f.metadata() or {})
-    except (OSError, SafetensorError, KeyError) as exc:
-        raise UserError(f"--decode_latents {args.decode_latents}: not a latents file ({exc})") from None
+    tensors, meta = load_safetensors(args.decode_latents, "--decode_latents")
+    if LATENTS_KEY not in tensors:
+        raise UserError(f"--decode_latents {args.decode_latents}: not a latents file (no {LATENTS_KEY!r} tensor)")
+    latents = tensors[LATENTS_KEY]
     frames_count = 4 * (latents.shape[1] - 1) + 1
     path = _media_path(args.output, 0, 1, frames_count)
     check_writable(path, args.overwrite)
+    size = estimate_bytes(path, frames_count, 8 * latents.shape[3], 8 * latents.shape[2])
+    check_output_files([(path, size)], "output directory")
     device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
     from kandinsky5.model.vae import VideoVAE
 

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,10 +28,11 @@ from types import ModuleType
 
 import torch
 
-from kandinsky5 import cli
+from kandinsky5 import cli, musubi_compat
 from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.model import flow
-from kandinsky5.train import adapters, optim
+from kandinsky5.train import adapters, optim, prechecks, startup, tracker, validation
+from kandinsky5.train import args as train_args
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
 from kandinsky5.train.distributed import (
     DistContext,
@@ -41,7 +41,9 @@ from kandinsky5.train.distributed import (
     check_ranks_agree,
     init_distributed,
 )
+from kandinsky5.train.monitor import monitor_for
 from kandinsky5.train.objective import batch_to_device, flow_matching_loss
+from kandinsky5.train.regularize import max_norm_
 from kandinsky5.train.run import Run, resume_run, save_and_rotate, save_checkpoint
 from kandinsky5.train.sampler import TrainingSampler, sample_requests
 from kandinsky5.train.step import NonFiniteLoss, StepStats, finish_step
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kandinsky5_train_network.py",
         description="LoRA training for Kandinsky 5 video DiTs on cached latents/text (see docs/training.md).",
+        formatter_class=cli.HelpFormatter,
     )
     cli.add_config_file_arg(p)
     cli.add_model_args(p)
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_timestep_args(p)
     _add_save_args(p)
     adapters.add_adapter_file_args(p)
+    startup.add_safety_args(p)
+    cli.add_debug_arg(p)
+    validation.add_validation_args(p)
+    tracker.add_tracker_args(p)
+    musubi_compat.add_musubi_args(p, "train")
     return p
 
 
@@ -79,13 +87,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep workers alive across epochs")
     g.add_argument(
         "--mixed_precision",
-        choices=("no", "bf16"),
+        choices=("no", "fp16", "bf16"),
         default=None,
-        help="bf16: DiT weights bf16 + autocast (default, or accelerate's setting); no: everything fp32",
+        help="bf16: DiT weights bf16 + autocast (default, or accelerate's setting); no: everything fp32; fp16 is "
+        "refused (a bf16 model)",
     )
-    g.add_argument("--seed", type=int, default=None, help="seed of LoRA init, noise, timesteps, data order (random)")
+    g.add_argument("--seed", type=int, default=None, help="seed of LoRA init, noise, timesteps, data (default: random)")
     g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (default 1600 without epochs)")
-    g.add_argument("--max_train_epochs", type=int, default=None, help="epochs; with --max_train_steps the smaller")
+    g.add_argument("--max_train_epochs", type=int, default=None, help="epochs; wins over --max_train_steps (musubi)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument(
         "--scheduler_scale",
@@ -99,10 +108,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="I2V tasks: condition on the first frame (default) or on the first and last frames",
     )
-    g.add_argument("--logging_dir", default=None, help="TensorBoard logs go to <logging_dir>/<output_name>_<time>")
-    g.add_argument("--log_with", choices=("tensorboard",), default=None, help="tracker (needs --logging_dir)")
+    train_args.add_run_args(g)
     s = p.add_argument_group("sampling during training (rank 0; see docs/sampling_during_training.md)")
-    s.add_argument("--sample_prompts", default=None, help="prompt file, one prompt per line with --w --h --f ...")
+    s.add_argument("--sample_prompts", default=None,
+                   help="prompt file: text lines with --w --h --f ..., or musubi's .toml / .json")  # fmt: skip
     s.add_argument("--sample_every_n_steps", type=int, default=None, help="sample every N optimizer steps")
     s.add_argument("--sample_every_n_epochs", type=int, default=None, help="sample at the end of every N epochs")
     s.add_argument("--sample_at_first", action="store_true", help="sample before the first step")
@@ -128,9 +137,11 @@ def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
         default="constant",
         help="transformers schedule: constant, constant_with_warmup, linear, cosine, ... or adafactor",
     )
-    g.add_argument("--lr_warmup_steps", type=float, default=0, help="warmup steps (or a fraction < 1 of the total)")
+    g.add_argument("--lr_warmup_steps", type=optim.steps_or_fraction, default=0,
+                   help="warmup steps (or a fraction < 1 or a percentage of the total, e.g. 5%%)")  # fmt: skip
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
     g.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power of the polynomial schedule")
+    train_args.add_schedule_args(g)
 
 
 def _add_network_args(p: argparse.ArgumentParser) -> None:
@@ -145,10 +156,13 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
         "--network_args",
         nargs="*",
         default=None,
-        help="key=value: include_patterns=[...], exclude_patterns=[...], rank_dropout=, module_dropout=",
+        help="key=value: include_patterns=[...], exclude_patterns=[...], rank_dropout=, module_dropout=, "
+        "loraplus_lr_ratio= (LoRA+), verbose=True",
     )
     g.add_argument("--network_weights", default=None,
                    help="start from this adapter file (any supported format; default: none)")  # fmt: skip
+    g.add_argument("--scale_weight_norms", type=float, default=None,
+                   help="max-norm regularisation: after each step shrink LoRA deltas with a larger norm")  # fmt: skip
 
 
 def _add_timestep_args(p: argparse.ArgumentParser) -> None:
@@ -156,13 +170,14 @@ def _add_timestep_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timestep_sampling", choices=flow.TIMESTEP_MODES, default="shift", help="t distribution")
     g.add_argument("--discrete_flow_shift", type=float, default=5.0, help="shift s of mode 'shift'")
     g.add_argument("--weighting_scheme", choices=(*flow.WEIGHTING_SCHEMES, "none"), default="none",
-                   help="density of mode 'sigma' (none = uniform, as musubi)")  # fmt: skip
+                   help="density of mode 'sigma' (none = uniform); sigma_sqrt / cosmap weight the loss")  # fmt: skip
     g.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of the normal draw (sigmoid, shift)")
     g.add_argument("--logit_mean", type=float, default=0.0, help="mean of logsnr / sigma(logit_normal)")
     g.add_argument("--logit_std", type=float, default=1.0, help="std of logsnr / sigma(logit_normal)")
     g.add_argument("--mode_scale", type=float, default=1.29, help="scale of sigma(mode), in (-1, 1.75)")
     g.add_argument("--min_timestep", type=float, default=0.0, help="lower bound of 1000*t (all modes)")
     g.add_argument("--max_timestep", type=float, default=1000.0, help="upper bound of 1000*t (all modes)")
+    train_args.add_timestep_args(g)
 
 
 def _add_save_args(p: argparse.ArgumentParser) -> None:
@@ -179,8 +194,9 @@ def _add_save_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_every_n_epochs", type=int, default=None, help="save a LoRA every N epochs")
     g.add_argument("--save_every_n_steps", type=int, default=None, help="save a LoRA every N optimizer steps")
     g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the newest N epoch saves")
-    g.add_argument("--save_last_n_steps", type=int, default=None, help="keep only the newest N step saves")
+    g.add_argument("--save_last_n_steps", type=int, default=None, help="keep the step saves of the last N steps")
     g.add_argument("--save_state", action="store_true", help="also save resumable state dirs (<file stem>-state)")
+    train_args.add_state_args(g)
     g.add_argument("--resume", default=None, help="state directory to continue from (written by --save_state)")
 
 
@@ -198,8 +214,16 @@ def _require(args: argparse.Namespace, *names: str) -> None:
 def _mixed_precision(flag: str | None) -> str:
     value = flag or os.environ.get("ACCELERATE_MIXED_PRECISION") or "bf16"
     if value not in ("no", "bf16"):
-        raise UserError(f"mixed precision {value!r} is not supported for Kandinsky 5; use bf16 or no")
+        raise UserError(f"--mixed_precision {value} is not offered: Kandinsky 5 is a bf16 model (musubi casts its "
+                        "kernels to bf16 too); use bf16, or no for fp32")  # fmt: skip
     return value
+
+
+def _precision(flag: str | None) -> tuple[torch.dtype, str]:
+    """(compute dtype, what set it) for the attention-kernel check."""
+    value = _mixed_precision(flag)
+    source = f"--mixed_precision {value}" if flag else f"mixed precision {value!r} (accelerate's setting)"
+    return (torch.float32 if value == "no" else torch.bfloat16), source
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -213,19 +237,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UserError("--sage_attn has no backward pass; train with --sdpa, --flash_attn, --flash3 or --xformers")
     if args.i2v_mode and not task.is_i2v:
         raise UserError(f"--i2v_mode applies to I2V tasks; {task.name} is text-to-video")
-    if args.log_with and not args.logging_dir:
-        raise UserError("--log_with tensorboard needs --logging_dir")
     if args.sample_prompts and not (args.text_encoder_qwen and args.text_encoder_clip and args.vae):
         raise UserError("--sample_prompts needs --text_encoder_qwen, --text_encoder_clip and --vae")
-    try:
-        timesteps = flow.TimestepConfig(
-            mode=args.timestep_sampling, shift=args.discrete_flow_shift, sigmoid_scale=args.sigmoid_scale,
-            logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
-            weighting_scheme="uniform" if args.weighting_scheme == "none" else args.weighting_scheme,
-            min_timestep=args.min_timestep, max_timestep=args.max_timestep,
-        )  # fmt: skip
-    except ValueError as exc:
-        raise UserError(f"timestep settings: {exc}") from None
+    timesteps = train_args.timestep_config(args)
+    train_args.check_args(args)
     positive = ("gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "network_dim",
                 "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
                 "sample_every_n_steps", "sample_every_n_epochs")  # fmt: skip
@@ -235,16 +250,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     opt_cfg = optim.OptimizerConfig(
         args.optimizer_type, args.learning_rate, optim.parse_kv_args(args.optimizer_args, "--optimizer_args")
     )
-    sched_cfg = optim.SchedulerConfig(
-        args.lr_scheduler, args.lr_warmup_steps, args.lr_scheduler_num_cycles, args.lr_scheduler_power
-    )
+    sched_cfg = train_args.scheduler_config(args)
     optim.check_configs(opt_cfg, sched_cfg)
     base_weights, base_multipliers = adapters.check_adapter_file_args(args)
     return TrainConfig(
         task=task,
         dit_path=Path(args.dit),
         dataset_config=Path(args.dataset_config),
-        attention=cli.attention_spec_from_args(args, task),
+        attention=cli.attention_spec_from_args(args, task, _precision(args.mixed_precision)),
         memory=memory_config_from_args(args),
         mixed_precision=_mixed_precision(args.mixed_precision),
         seed=args.seed,
@@ -277,6 +290,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             save_state=args.save_state,
             format=args.save_format,
             precision=adapters.save_dtype_from_args(args),
+            last_n_epochs_state=args.save_last_n_epochs_state,
+            last_n_steps_state=args.save_last_n_steps_state,
+            state_on_train_end=args.save_state_on_train_end,
         ),  # fmt: skip
         sample=SampleConfig(
             prompts=Path(args.sample_prompts) if args.sample_prompts else None,
@@ -286,11 +302,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             text_encoder_qwen=args.text_encoder_qwen,
             text_encoder_clip=args.text_encoder_clip,
             vae=args.vae,
+            vae_dtype=train_args.vae_dtype(args),
         ),  # fmt: skip
         num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         persistent_workers=args.persistent_data_loader_workers,
         resume=Path(args.resume) if args.resume else None,
-        logging_dir=Path(args.logging_dir) if args.logging_dir else None,
+        overwrite=args.overwrite,
+        allow_stale_cache=args.allow_stale_cache,
+        tracking=tracker.tracker_config_from_args(args),
+        validation=validation.validation_config_from_args(args),
+        cuda_allow_tf32=args.cuda_allow_tf32,
+        cudnn_benchmark=args.cuda_cudnn_benchmark,
+        scale_weight_norms=args.scale_weight_norms,
         metadata=adapters.metadata_config_from_args(args),
     )
 
@@ -325,40 +348,54 @@ def setup(cfg: TrainConfig, ctx: DistContext):
 
     from dataset.config import load_dataset_config
     from dataset.latent_dataset import BucketBatchSampler, LatentDataset, collate, discover_items
+    from dataset.split import split_validation
+    from dataset.staleness import check_stale
     from dataset.summary import dataset_summary
     from kandinsky5.memory.build import build_dit
     from kandinsky5.model.checkpoint_hash import checkpoint_sha256
     from kandinsky5.model.loading import file_fingerprint
     from kandinsky5.model.nabla import check_geometry
+    from kandinsky5.model.vae import vae_file_identity
 
     # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
     requests = sample_requests(cfg.task, cfg.sample.prompts, cfg.metadata.trigger_word) if cfg.sample.enabled else []
     seed = broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
     dataset_cfg = load_dataset_config(cfg.dataset_config)
     items = discover_items(dataset_cfg, cfg.task)
+    check_stale(dataset_cfg, items, cfg.sample.vae and vae_file_identity(cfg.sample.vae), cfg.allow_stale_cache)
+    held = {d.index for d in dataset_cfg.datasets if d.is_validation}
+    items, val_items = split_validation(items, held, cfg.validation.split)
+    validator = validation.build_validator(cfg, val_items, LatentDataset(val_items, cfg.task.is_i2v), collate)
     sampler = BucketBatchSampler(items, seed, ctx.rank, ctx.world_size)
     per_epoch = math.ceil(sampler.batches_per_epoch / cfg.gradient_accumulation_steps)
     total = cfg.total_steps(per_epoch)
+    prechecks.check_before_load(cfg, total)  # optimizer and schedule (LoRA+ too) on stand-ins: bad arguments fail now
+    startup.check_run(cfg, ctx, total, per_epoch)  # earlier run, --resume, checkpoints, disk space: before loading
     _log_setup(cfg, ctx, items, total, per_epoch)
     if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
-        for _, h, w in sorted({i.shape for i in items}):
+        for _, h, w in sorted({i.shape for i in items + val_items}):
             check_geometry(h // 2, w // 2)
+    train_args.apply_cuda_switches(cfg.cuda_allow_tf32, cfg.cudnn_benchmark)
+    training_sampler = None
+    if requests and ctx.is_main:  # only rank 0 samples; prompts are encoded now, before the DiT exists (memory)
+        training_sampler = TrainingSampler(cfg, ctx.device, requests)
+        training_sampler.prepare()
     dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True)
     dit.requires_grad_(False)
     seed_everything(seed)  # the same LoRA init on every rank (broadcast below as well)
     network, module = _build_network(cfg, dit)
     network.to(ctx.device)
     broadcast_params_(ctx, network.parameters())
-    optimizer = optim.build_optimizer([p for p in network.parameters() if p.requires_grad], cfg.optimizer)
+    groups = optim.lora_param_groups(network.named_parameters(), cfg.optimizer.learning_rate,
+                                     prechecks.loraplus_ratio(cfg.network))  # fmt: skip
+    optimizer = optim.build_optimizer(groups, cfg.optimizer)
     scheduler = optim.build_scheduler(optimizer, cfg.scheduler, total)
     seed_everything(seed + ctx.rank)  # dropout masks differ per rank
     generator = torch.Generator(ctx.device).manual_seed(seed * 1009 + ctx.rank)
     sha256 = checkpoint_sha256(cfg.dit_path) if cfg.metadata.enabled and ctx.is_main else None
     run = Run(cfg, ctx, dit, network, module, optimizer, scheduler, generator, seed, total, len(items),
-              file_fingerprint(cfg.dit_path), datasets=dataset_summary(dataset_cfg, items, cfg.metadata.full_paths),
-              base_sha256=sha256)  # fmt: skip
-    if requests and ctx.is_main:  # only rank 0 samples; the encoders load lazily, at the first sample
-        run.sampler = TrainingSampler(cfg, ctx.device, requests)
+              file_fingerprint(cfg.dit_path), sampler=training_sampler, validator=validator,
+              datasets=dataset_summary(dataset_cfg, items, cfg.metadata.full_paths), base_sha256=sha256)  # fmt: skip
     loader = DataLoader(
         LatentDataset(items, with_image=cfg.task.is_i2v),
         batch_sampler=sampler,
@@ -377,14 +414,20 @@ def setup(cfg: TrainConfig, ctx: DistContext):
 
 
 def sample(run: Run) -> None:
-    """Rank 0 writes the sample videos; the other ranks wait."""
+    """Rank 0 writes the sample videos and their contact sheet; the other ranks wait."""
     if run.sampler is not None:
-        run.sampler(run.dit, run.network, run.progress.step, run.generator)
+        step = run.progress.step
+        outputs = run.sampler(run.dit, run.network, step, run.generator)
+        run.monitor.on_samples(step, outputs, run.sampler.sheet_path(step))
     run.ctx.barrier()
 
 
 def after_step(run: Run) -> None:
-    save, smp, step = run.cfg.save, run.cfg.sample, run.progress.step
+    save, smp, val, step = run.cfg.save, run.cfg.sample, run.cfg.validation, run.progress.step
+    if val.every_n_steps and step % val.every_n_steps == 0:
+        validation.validate(run)
+    if run.cfg.scale_weight_norms:
+        max_norm_(run.network, run.cfg.scale_weight_norms)
     if save.every_n_steps and step % save.every_n_steps == 0 and step < run.total_steps:
         save_and_rotate(run, "step", step)
     if smp.every_n_steps and step % smp.every_n_steps == 0:
@@ -393,7 +436,10 @@ def after_step(run: Run) -> None:
 
 def after_epoch(run: Run, epoch: int) -> None:
     """``epoch`` counts finished epochs (1-based); the last one is covered by the final save."""
-    save, smp = run.cfg.save, run.cfg.sample
+    save, smp, val = run.cfg.save, run.cfg.sample, run.cfg.validation
+    if val.every_n_epochs and epoch % val.every_n_epochs == 0:
+        validation.validate(run)
+    run.monitor.on_epoch(epoch, run.progress.step)
     if save.every_n_epochs and epoch % save.every_n_epochs == 0 and run.progress.step < run.total_steps:
         save_and_rotate(run, "epoch", epoch)
     if smp.every_n_epochs and epoch % smp.every_n_epochs == 0:
@@ -409,10 +455,12 @@ def micro_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward + backward of one micro-batch: draw t and noise, flow-matching loss; returns the loss."""
     cfg, device = run.cfg, run.ctx.device
     b = batch_to_device(batch, device)
-    t = flow.sample_timesteps(cfg.timesteps, b.latents.shape[0], generator=run.generator, device=device)
-    noise = torch.randn(b.latents.shape, generator=run.generator, device=device, dtype=torch.float32)
+    shape = b.latents.shape  # (B, T, h, w, 16): one bucket, one (h, w) per batch
+    t = flow.sample_timesteps(cfg.timesteps, shape[0], run.generator, device, latent_hw=(shape[2], shape[3]))
+    noise = torch.randn(shape, generator=run.generator, device=device, dtype=torch.float32)
     with torch.autocast(device.type, dtype=cfg.weight_dtype, enabled=cfg.autocast):
-        loss = flow_matching_loss(run.dit, b, t, noise, cfg.task.rope_scale, cfg.i2v_mode)
+        loss = flow_matching_loss(run.dit, b, t, noise, cfg.task.rope_scale, cfg.i2v_mode,
+                                  sample_weight=flow.loss_weight(cfg.timesteps, t))  # fmt: skip
     (loss / cfg.gradient_accumulation_steps).backward()
     return loss.detach()
 
@@ -431,7 +479,7 @@ def optimizer_step(run: Run, loss_sum: torch.Tensor, micro: int) -> StepStats:
         ) from None
 
 
-def train_epoch(run: Run, loader, batches_per_epoch: int, bar, tracker) -> bool:
+def train_epoch(run: Run, loader, batches_per_epoch: int) -> bool:
     """The rest of the current epoch; True once the step budget is reached."""
     p, accum = run.progress, run.cfg.gradient_accumulation_steps
     loss_sum, micro = torch.zeros((), device=run.ctx.device), 0
@@ -442,58 +490,54 @@ def train_epoch(run: Run, loader, batches_per_epoch: int, bar, tracker) -> bool:
             continue
         stats = optimizer_step(run, loss_sum, micro)
         p.step, loss_sum, micro = p.step + 1, torch.zeros_like(loss_sum), 0
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}")
-        if tracker is not None:
-            for key, value in (("loss", stats.loss), ("lr", stats.lr), ("grad_norm", stats.grad_norm)):
-                tracker.add_scalar(key, value, p.step)
+        run.monitor.on_step(p.step, stats.loss, stats.lr, stats.grad_norm)
         after_step(run)
         if p.step >= run.total_steps:
             return True
     return False
 
 
-def _tracker(cfg: TrainConfig, ctx):
-    if not (cfg.logging_dir and ctx.is_main):
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(cfg.logging_dir / f"{cfg.save.output_name}_{time.strftime('%Y%m%d%H%M%S')}")
-
-
 def train(cfg: TrainConfig, ctx: DistContext) -> Path | None:
     """The whole run; returns the final LoRA (or state) path written by rank 0."""
-    from tqdm import tqdm
-
     run, loader, sampler = setup(cfg, ctx)
-    if cfg.resume is not None:
-        resume_run(run, cfg.resume)
-    tracker = _tracker(cfg, ctx)
-    if cfg.sample.at_first:
-        sample(run)
-    p, per_epoch = run.progress, sampler.batches_per_epoch
+    per_epoch = sampler.batches_per_epoch
     epochs = math.ceil(run.total_steps / math.ceil(per_epoch / cfg.gradient_accumulation_steps))
-    bar = tqdm(total=run.total_steps, initial=p.step, desc="training", disable=not ctx.is_main, unit="step")
-    done = p.step >= run.total_steps
-    while not done and p.epoch < epochs:
-        sampler.set_epoch(p.epoch, skip=p.batches_in_epoch)
-        done = train_epoch(run, loader, per_epoch, bar, tracker)
-        if p.batches_in_epoch >= per_epoch:
-            p.epoch, p.batches_in_epoch = p.epoch + 1, 0
-            after_epoch(run, p.epoch)
-    bar.close()
-    check_ranks_agree(ctx, run.params)
-    save_checkpoint(run, cfg.save.output_name, cfg.save.save_state)
-    if tracker is not None:
-        tracker.close()
+    run.monitor = monitor_for(run, math.ceil(per_epoch / cfg.gradient_accumulation_steps), epochs)
+    try:
+        if cfg.resume is not None:
+            resume_run(run, cfg.resume)
+        p = run.progress
+        run.monitor.open(p.step if cfg.resume is not None else None)
+        if p.step == 0 or not run.monitor.history.validation:
+            validation.validate(run)
+        if cfg.sample.at_first:
+            sample(run)
+        run.monitor.start_loop(p.step)
+        done = p.step >= run.total_steps
+        while not done and p.epoch < epochs:
+            sampler.set_epoch(p.epoch, skip=p.batches_in_epoch)
+            done = train_epoch(run, loader, per_epoch)
+            if p.batches_in_epoch >= per_epoch:
+                p.epoch, p.batches_in_epoch = p.epoch + 1, 0
+                after_epoch(run, p.epoch)
+        check_ranks_agree(ctx, run.params)
+        validation.validate(run)
+        save_checkpoint(run, cfg.save.output_name, cfg.save.save_state or cfg.save.state_on_train_end)
+        run.monitor.finish(run.last_checkpoint)
+    finally:
+        run.monitor.close()  # closes the bar before any error is printed
     return run.last_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = config_from_args(cli.parse_args(build_parser(), argv))
+    args = cli.parse_args(build_parser(), argv)
+    if args.show_timesteps:
+        return train_args.show_timesteps(args)
+    cfg = config_from_args(args)
     ctx = init_distributed()
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the setup log, from rank 0
+    musubi_compat.log_default_differences("train", train_args.musubi_view(cfg, args))
     try:
         train(cfg, ctx)
     finally:

@@ -42,7 +42,7 @@ from networks.lora_kandinsky import DEFAULT_INCLUDE_PATTERNS  # noqa: E402
 MODELS: dict[str, DiTConfig] = {"tiny": TINY_DIT, "lite": LITE_DIT, "pro": PRO_DIT}
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--model", choices=sorted(MODELS), default="pro", help="block size (D, F) of the random DiT (pro)")
     p.add_argument("--text_blocks", type=int, default=1, help="text blocks of the random DiT (1)")
@@ -55,12 +55,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=25, help="video frames, 4k+1 (25)")
     p.add_argument("--text_tokens", type=int, default=128, help="text tokens (128)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration after one warm-up (3)")
-    p.add_argument("--pinned", action="store_true", help="--use_pinned_memory_for_block_swap")
+    p.add_argument("--pinned", action="store_true", help="pinned swapped blocks on CUDA: the default (old commands)")
+    p.add_argument("--no_pinned", action="store_true", help="as --no_pinned_memory_for_block_swap (off: pinned)")
     p.add_argument("--no_checkpointing", action="store_true", help="training without gradient checkpointing")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="weight dtype (bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 64x64x5, 3 timed steps")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         args.model, args.width, args.height, args.frames, args.text_tokens, args.steps = "tiny", 64, 64, 5, 16, 3
         args.device = args.device or "cpu"
@@ -132,7 +133,7 @@ def _train_step(dit, inputs):
 def run_one(task, path, args, device, dtype, mode: str, fp8: bool, swap: int) -> dict:
     train = mode == "train"
     ckpt = not args.no_checkpointing
-    memory = MemoryConfig(fp8=fp8, blocks_to_swap=swap, pinned=args.pinned, gradient_checkpointing=ckpt)
+    memory = MemoryConfig(fp8=fp8, blocks_to_swap=swap, pinned=not args.no_pinned, gradient_checkpointing=ckpt)
     with torch.device("meta"):
         meta = DiT(task.dit)
     if fp8:
@@ -159,8 +160,8 @@ def _row(r: dict) -> str:
     return f"| {r['mode']} | {fp8} | {r['swap']} | {_size(r['planned'])} | {peak} | {r['s']:.3f} |"
 
 
-def main() -> int:
-    args = parse()
+def run(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """Every configuration of ``args`` (one dict per row) and the line that describes the setup."""
     logging.getLogger("kandinsky5").setLevel(logging.WARNING)  # build_dit's plan printout, once per configuration
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -178,10 +179,16 @@ def main() -> int:
                     results.append(run_one(task, path, args, device, dtype, mode, fp8, swap))
     cfg = task.dit
     where = "CPU run: no accelerator memory to measure" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"\nDiT `{args.model}`-sized blocks (D={cfg.model_dim}, F={cfg.ff_dim}), {cfg.num_text_blocks} text + "
-          f"{cfg.num_visual_blocks} visual blocks, {args.width}x{args.height}x{args.frames}, {args.text_tokens} text "
-          f"tokens, {str(dtype).removeprefix('torch.')}, {where}; training: LoRA r16"
-          f"{'' if args.no_checkpointing else ' + gradient checkpointing'}\n")  # fmt: skip
+    setup = (f"DiT `{args.model}`-sized blocks (D={cfg.model_dim}, F={cfg.ff_dim}), {cfg.num_text_blocks} text + "
+             f"{cfg.num_visual_blocks} visual blocks, {args.width}x{args.height}x{args.frames}, "
+             f"{args.text_tokens} text tokens, {str(dtype).removeprefix('torch.')}, {where}; training: LoRA r16"
+             f"{'' if args.no_checkpointing else ' + gradient checkpointing'}")  # fmt: skip
+    return results, setup
+
+
+def main() -> int:
+    results, setup = run(parse())
+    print(f"\n{setup}\n")
     print("| mode | fp8 | blocks_to_swap | planned GPU weights | peak accelerator memory | s / step (median) |")
     print("|---|---|---|---|---|---|")
     for r in results:

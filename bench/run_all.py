@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # script -> number of leading columns that describe the configuration (the rest are measurements)
-SCRIPTS = {"bench_sampling.py": 1, "bench_train_step.py": 1, "bench_memory.py": 3}
+SCRIPTS = {"bench_sampling.py": 1, "bench_train_step.py": 1, "bench_memory.py": 3, "bench_transients.py": 2}
 
 
 def table_rows(text: str) -> tuple[list[str], list[list[str]]]:

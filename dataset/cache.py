@@ -14,7 +14,10 @@ Tensors (no batch axis, channels last as the DiT takes them):
 * latent cache: ``latents`` (T, h, w, 16), already multiplied by the VAE scaling factor, T = (frames - 1) // 4 + 1;
   optional ``latents_image`` (2, h, w, 16) = [first, last] latent frame for I2V conditioning.
 * text cache: ``text_embeds`` (L, D) packed Qwen2.5-VL hidden states of the L valid tokens (L varies per caption,
-  so a collate function must pad; D = 3584), ``pooled_embed`` (Dc,) CLIP pooled (Dc = 768).
+  so a collate function must pad; D = 3584), ``pooled_embed`` (Dc,) CLIP pooled (Dc = 768), both made with the
+  prompt template named in ``template``.  An item that yields both 1-frame and longer clips (a video dataset with
+  ``target_frames = [1, 25]``) needs two templates (one frame: "image", as the official sampler): the further ones
+  are stored as ``text_embeds_<template>`` / ``pooled_embed_<template>`` and all are listed in ``templates``.
 
 Metadata (safetensors ``__metadata__``, all strings; lists, numbers and booleans JSON-encoded and named in the
 ``json_keys`` entry, so ``read_*`` gives them back typed):
@@ -22,7 +25,8 @@ Metadata (safetensors ``__metadata__``, all strings; lists, numbers and booleans
 * both: ``format_version``, ``stage`` ("latents" / "text"), ``item_key``;
 * latents: ``vae`` (identity string), ``dtype`` (filled in from the tensor), ``source_size`` [W, H],
   ``bucket_size`` [W, H], ``frame_indices`` [...], ``nabla_resize`` (bool);
-* text: ``template`` ("video" / "image" ...), ``max_length`` (int), ``text_encoder`` (identity string),
+* text: ``template`` ("video" / "image": the template of ``text_embeds``), ``templates`` (list, every template in
+  the file; absent in older caches = ``[template]``), ``max_length`` (int), ``text_encoder`` (identity string),
   ``task_family`` ("video" / "image": videos use the video template), ``caption`` (so an edited caption is seen).
 
 ``read_*_cache(path, expect)`` and ``is_valid_cache(path, expect)`` compare every key in ``expect`` with the
@@ -38,10 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from kandinsky5.common import atomic_path
+from kandinsky5.common import UserError
+from kandinsky5.files import WriteError, load_safetensors, read_safetensors_header, save_safetensors
 
 __all__ = [
     "FORMAT_VERSION",
@@ -57,7 +60,9 @@ __all__ = [
     "write_text_cache",
     "read_latent_cache",
     "read_text_cache",
+    "cache_templates",
     "read_cache_meta",
+    "read_cache_shapes",
     "is_valid_cache",
 ]
 
@@ -76,8 +81,9 @@ _REQUIRED_META = {
 _JSON_KEYS = "json_keys"  # metadata entry listing the keys whose values are JSON-encoded (all non-strings)
 
 
-class CacheError(Exception):
-    """A cache file that is missing, damaged or made with other settings; the message says what to re-run."""
+class CacheError(UserError):
+    """A cache file that is missing, damaged or made with other settings; the message says what to re-run (a
+    ``UserError``: the scripts print it as one line, also when a DataLoader worker raised it)."""
 
 
 @dataclass(frozen=True)
@@ -141,13 +147,33 @@ def write_latent_cache(
     _write(path, tensors, {**meta, "dtype": _dtype_name(latents.dtype)}, "latents")
 
 
-def write_text_cache(path: str | Path, embeds: torch.Tensor, pooled: torch.Tensor, meta: Mapping[str, Any]) -> None:
-    """Write a text-encoder cache.  ``embeds`` (L, D) valid tokens only; ``pooled`` (Dc,)."""
-    if embeds.ndim != 2 or embeds.shape[0] < 1 or pooled.ndim != 1:
-        shapes = f"{tuple(embeds.shape)}, {tuple(pooled.shape)}"
-        raise ValueError(f"text cache wants embeds (L, D) and pooled (Dc,), got {shapes}")
-    _check_finite("text_embeds", embeds)
-    _write(path, {"text_embeds": embeds, "pooled_embed": pooled}, meta, "text")
+def write_text_cache(
+    path: str | Path,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    meta: Mapping[str, Any],
+    extra: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
+    """Write a text-encoder cache.  ``embeds`` (L, D) valid tokens only; ``pooled`` (Dc,), made with
+    ``meta["template"]``; ``extra`` maps further templates to their (embeds, pooled)."""
+    tensors = {}
+    for template, (emb, pool) in {meta.get("template"): (embeds, pooled), **(extra or {})}.items():
+        if emb.ndim != 2 or emb.shape[0] < 1 or pool.ndim != 1:
+            shapes = f"{tuple(emb.shape)}, {tuple(pool.shape)}"
+            raise ValueError(f"text cache wants embeds (L, D) and pooled (Dc,), got {shapes}")
+        _check_finite("text_embeds", emb)
+        names = _text_tensor_names(template, primary=not tensors)
+        tensors.update({names[0]: emb, names[1]: pool})
+    _write(path, tensors, {**meta, "templates": [meta.get("template"), *(extra or {})]}, "text")
+
+
+def _text_tensor_names(template: str | None, primary: bool) -> tuple[str, str]:
+    return ("text_embeds", "pooled_embed") if primary else (f"text_embeds_{template}", f"pooled_embed_{template}")
+
+
+def cache_templates(meta: Mapping[str, Any]) -> list[str]:
+    """Every prompt template a text cache holds (older caches: just ``template``)."""
+    return list(meta.get("templates") or [meta.get("template")])
 
 
 def _check_latents(latents: torch.Tensor, latents_image: torch.Tensor | None) -> None:
@@ -171,8 +197,11 @@ def _write(path: str | Path, tensors: dict[str, torch.Tensor], meta: Mapping[str
     encoded = {k: v if isinstance(v, str) else json.dumps(_normalise(v)) for k, v in full.items()}
     encoded[_JSON_KEYS] = json.dumps(sorted(k for k, v in full.items() if not isinstance(v, str)))
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=encoded)
+    try:
+        save_safetensors(tensors, path, encoded, what=f"{stage} cache")
+    except WriteError as exc:  # disk full, read-only ...: one line; every cache written so far stays valid
+        hint = f"free space, then re-run {_SCRIPTS[stage]} with --skip_existing to keep what is already cached"
+        raise WriteError(f"{exc}; {hint}", exc.reason) from None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -189,9 +218,19 @@ def read_latent_cache(path: str | Path, expect: Mapping[str, Any] | None = None)
     return LatentCache(tensors["latents"], tensors.get("latents_image"), meta)
 
 
-def read_text_cache(path: str | Path, expect: Mapping[str, Any] | None = None) -> TextCache:
+def read_text_cache(
+    path: str | Path, expect: Mapping[str, Any] | None = None, template: str | None = None
+) -> TextCache:
+    """The text cache's embeddings for ``template`` (default: the file's main template)."""
     tensors, meta = _read(path, "text", expect or {})
-    return TextCache(tensors["text_embeds"], tensors["pooled_embed"], meta)
+    templates = cache_templates(meta)
+    if template is not None and template not in templates:
+        raise CacheError(
+            f"{path}: text cache holds the {', '.join(map(repr, templates))} prompt template(s) but a clip of this "
+            f"item needs {template!r} (1-frame clips use 'image'); re-run {_SCRIPTS['text']} to rebuild it"
+        )
+    names = _text_tensor_names(template, primary=template in (None, templates[0]))
+    return TextCache(tensors[names[0]], tensors[names[1]], meta)
 
 
 def read_cache_meta(path: str | Path, stage: str, expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -220,22 +259,29 @@ def _read(path: str | Path, stage: str, expect: Mapping[str, Any]) -> tuple[dict
     meta, _ = _open_header(path, stage)
     _check_expect(path, stage, meta, expect)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        tensors, _ = load_safetensors(path)
+    except UserError as e:
         raise _damaged(path, stage, e) from None
     return tensors, meta
+
+
+def read_cache_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a cache file (header only; ``CacheError`` if damaged)."""
+    try:
+        return read_safetensors_header(path).shapes()
+    except UserError as e:
+        raise _damaged(Path(path), "latents" if not str(path).endswith(TEXT_SUFFIX) else "text", e) from None
 
 
 def _open_header(path: Path, stage: str) -> tuple[dict[str, Any], list[str]]:
     if not path.is_file():
         raise CacheError(f"{path}: {stage} cache not found; run {_SCRIPTS[stage]} first")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw, keys = dict(f.metadata() or {}), list(f.keys())
+        header = read_safetensors_header(path)
+        raw, keys = dict(header.metadata), list(header.tensors)
         json_keys = set(json.loads(raw.pop(_JSON_KEYS, "[]")))
         meta = {k: json.loads(v) if k in json_keys else v for k, v in raw.items()}
-    except (SafetensorError, OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+    except (UserError, ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
         raise _damaged(path, stage, e) from None
     if meta.get("stage") != stage or any(k not in keys for k in _TENSORS[stage]):
         found = meta.get("stage", "no stage")
@@ -246,7 +292,8 @@ def _open_header(path: Path, stage: str) -> tuple[dict[str, Any], list[str]]:
 
 
 def _damaged(path: Path, stage: str, error: Exception) -> CacheError:
-    return CacheError(f"{path}: damaged or truncated {stage} cache ({error}); re-run {_SCRIPTS[stage]} to rebuild it")
+    detail = str(error).replace(f"{path} ", "").replace(str(path), "the file")
+    return CacheError(f"{path}: damaged or truncated {stage} cache ({detail}); re-run {_SCRIPTS[stage]} to rebuild it")
 
 
 def _check_expect(path: Path, stage: str, meta: Mapping[str, Any], expect: Mapping[str, Any]) -> None:

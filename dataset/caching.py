@@ -14,17 +14,20 @@ trainer and the cachers agree on one definition:
   for sampling), ``dtype`` (``"float16"`` ...; only if the trainer needs one dtype -- it normally casts),
   ``nabla_resize`` (True only if the user asked for NABLA-resized caches; NABLA geometry itself is better checked
   on the latent shape).
-* text -- ``text_expect(task, text_encoder=None, caption=None)`` gives
-  ``{"stage": "text", "format_version": FORMAT_VERSION, "template": task.text_template,
-  "max_length": task.text_max_length, "task_family": task_family(task)}`` -- for every video task that is
-  ``"video"`` / ``256`` / ``"video"``, for image *and* video datasets alike, because the model is conditioned
-  with the task's template at inference -- plus ``text_encoder`` = ``TextEncoder.identity`` (a dict) when the
-  trainer has the encoders loaded, and ``caption`` = the item's current caption to catch edited caption files.
+* text -- ``text_expect(task, text_encoder=None, caption=None, templates=None)`` gives
+  ``{"stage": "text", "format_version": FORMAT_VERSION, "max_length": task.text_max_length,
+  "task_family": task_family(task)}`` -- ``256`` / ``"video"`` for every video task -- plus ``templates`` (the
+  exact list, for the cacher's ``--skip_existing``), ``text_encoder`` = ``TextEncoder.identity`` (a dict) and
+  ``caption`` = the item's current caption when given.  Templates follow the official sampler
+  (``configs.prompt_template``): one frame -> ``"image"``, more -> the task's ``"video"``; ``item_templates``
+  lists what an item's clips need (a video dataset with ``target_frames = [1, 25]`` needs both) and the trainer
+  checks that each clip's template is in its text cache.
 
 Metadata written (all readable back typed by ``read_*``): latents: ``format_version, stage, item_key, vae, dtype,
-source_size, bucket_size, encoded_size, frame_indices, nabla_resize, kind, scaling_factor, posterior, vae_tiling,
-source_path``; text: ``format_version, stage, item_key, template, max_length, task_family, text_encoder, caption,
-dtype, qwen_4bit, task``.  The cachers' own ``--skip_existing`` check is stricter: it also compares the per-item
+source_size, bucket_size, encoded_size, frame_indices, source_frames, nabla_resize, kind, scaling_factor, posterior,
+vae_tiling, source_path``; text: ``format_version, stage, item_key, template, templates, max_length, task_family,
+text_encoder, caption, dtype, qwen_4bit, task``.  The trainer compares them with the current dataset TOML
+(``dataset.staleness``).  The cachers' own ``--skip_existing`` check is stricter: it also compares the per-item
 keys (item_key, sizes, frame indices, caption) and the settings (dtype, nabla_resize, qwen_4bit).
 
 Memory
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,21 +50,24 @@ from tqdm import tqdm
 
 from dataset.cache import (
     FORMAT_VERSION,
-    LATENT_SUFFIX,
-    TEXT_SUFFIX,
     CacheError,
     is_valid_cache,
     list_cache_files,
     read_cache_meta,
 )
+from dataset.config import DatasetSpec
+from dataset.sources import Item
 from kandinsky5.common import get_logger
-from kandinsky5.configs import TaskConfig
+from kandinsky5.configs import TaskConfig, prompt_template
+from kandinsky5.preflight import check_output_dir, clean_leftovers
 
 __all__ = [
     "EXIT_FAILURES",
     "task_family",
     "latent_expect",
     "text_expect",
+    "clip_frame_counts",
+    "item_templates",
     "needs_build",
     "Failures",
     "prefetch_map",
@@ -69,12 +75,14 @@ __all__ = [
     "progress_bar",
     "Throughput",
     "remove_stale",
+    "latent_item_bytes",
+    "text_item_bytes",
+    "check_cache_dirs",
 ]
 
 log = get_logger(__name__)
 
 EXIT_FAILURES = 2  # exit status of a run that finished but could not cache some items (1 = bad input, no run)
-_TMP_MAX_AGE_S = 600  # leftover temp files of killed runs older than this are removed by the cleanup
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -98,21 +106,49 @@ def latent_expect(vae: str | None = None, dtype: Any = None, nabla_resize: bool 
 
 
 def text_expect(
-    task: TaskConfig, text_encoder: Mapping[str, str] | None = None, caption: str | None = None
+    task: TaskConfig,
+    text_encoder: Mapping[str, str] | None = None,
+    caption: str | None = None,
+    templates: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """``expect`` for text caches: the task's template and max length (and encoder / caption when given)."""
+    """``expect`` for text caches: the task's max length and family (and encoder / caption / the exact template
+    list when given; the trainer instead checks that the template each clip needs is among the file's)."""
     expect: dict[str, Any] = {
         "stage": "text",
         "format_version": FORMAT_VERSION,
-        "template": task.text_template,
         "max_length": task.text_max_length,
         "task_family": task_family(task),
     }
+    if templates is not None:
+        expect["templates"] = list(templates)
     if text_encoder is not None:
         expect["text_encoder"] = dict(text_encoder)
     if caption is not None:
         expect["caption"] = caption
     return expect
+
+
+def clip_frame_counts(spec: DatasetSpec, item: Item | None = None) -> set[int]:
+    """Pixel frame counts of the clips an item of ``spec`` can yield: {1} for images, ``target_frames`` for videos
+    (``frame_extraction = "full"``: probed from the media header when ``item`` is given)."""
+    if spec.kind == "image":
+        return {1}
+    if spec.frame_extraction != "full":
+        return set(spec.target_frames)
+    if item is not None:
+        from dataset.media import MediaError, plan_clips
+
+        try:
+            return {len(plan.frame_indices) for plan in plan_clips(item, spec)} or {1}
+        except MediaError:
+            pass
+    return {1, 5} if spec.max_frames >= 5 else {1}
+
+
+def item_templates(spec: DatasetSpec, task: TaskConfig, item: Item | None = None) -> list[str]:
+    """The prompt templates an item's text cache must hold, main one first (``configs.prompt_template``)."""
+    found = {prompt_template(f, task) for f in clip_frame_counts(spec, item)}
+    return sorted(found, key=lambda t: t != task.text_template)
 
 
 def needs_build(path: Path, expect: Mapping[str, Any], skip_existing: bool) -> bool:
@@ -255,11 +291,11 @@ def remove_stale(
     A file is deleted only when it is *ours* (its header says this stage and names an item) and its item is not
     in ``protected_keys`` (items that failed this run keep their old caches).  Foreign files with our suffix
     (e.g. musubi-tuner caches) and damaged ones are left in place with a warning, since the trainer would refuse
-    them.  Temp files of killed runs (``.<name>.*.tmp``, older than 10 minutes) are always removed.  With
+    them.  Temp files of killed runs (``kandinsky5.files.remove_orphans``) are always removed.  With
     ``keep_cache`` nothing is deleted.  Returns the number of deleted cache files.
     """
     cache_dir = Path(cache_dir)
-    _remove_old_temp_files(cache_dir, stage)
+    clean_leftovers([cache_dir])
     if keep_cache:
         return 0
     wanted = {p.resolve() for p in wanted}
@@ -281,14 +317,39 @@ def remove_stale(
     return removed
 
 
-def _remove_old_temp_files(cache_dir: Path, stage: str) -> None:
-    if not cache_dir.is_dir():
-        return
-    suffix = LATENT_SUFFIX if stage == "latents" else TEXT_SUFFIX
-    cutoff = time.time() - _TMP_MAX_AGE_S
-    for path in cache_dir.glob(f".*{suffix}.*.tmp"):
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-        except OSError:  # raced with another process: nothing to clean
-            continue
+# ------------------------------------------------------------------------------------------------------------
+# Start-up checks: writable cache directories with room for the caches, leftovers of killed runs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def latent_item_bytes(spec: DatasetSpec, dtype_bytes: int, nabla: bool = False) -> int:
+    """Upper estimate of one item's latent caches: every clip at the full resolution, plus its two image frames.
+
+    ``chunk`` / ``slide`` extraction counts one clip per target length (their real count depends on the video)."""
+    width, height = spec.resolution
+    if nabla:
+        width, height = -(-width // 128) * 128, -(-height // 128) * 128
+    frame_bytes = (width // 8) * (height // 8) * 16 * dtype_bytes
+    if spec.kind == "image":
+        return 3 * frame_bytes
+    lengths = [spec.max_frames] if spec.frame_extraction == "full" else list(spec.target_frames)
+    clips = spec.frame_sample if spec.frame_extraction == "uniform" else 1
+    return sum(clips * ((f - 1) // 4 + 1 + 2) * frame_bytes for f in lengths)
+
+
+def text_item_bytes(spec: DatasetSpec, task: TaskConfig, dtype_bytes: int) -> int:
+    """Upper estimate of one item's text cache (every template its clips need, full text length)."""
+    templates = len(item_templates(spec, task))  # "full" extraction without a probe: both templates
+    return templates * (task.text_max_length * task.dit.in_text_dim + task.dit.in_text_dim2) * dtype_bytes
+
+
+def check_cache_dirs(
+    datasets: Iterable[tuple[DatasetSpec, list[Item]]], stage: str, item_bytes: Callable[[DatasetSpec], int]
+) -> None:
+    """Before any model loads: remove this tool's leftovers, and check each ``cache_directory`` can be written
+    and has room for its items' caches (less what its existing caches of this stage already take)."""
+    for spec, items in datasets:
+        clean_leftovers([spec.cache_directory])
+        existing = sum(p.stat().st_size for p in list_cache_files(spec.cache_directory, stage))
+        need = max(0, len(items) * item_bytes(spec) - existing)
+        check_output_dir(spec.cache_directory, f"{spec.name}.cache_directory", need, "lower the resolution")

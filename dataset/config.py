@@ -43,7 +43,8 @@ Decisions where musubi is silent or wrong (all documented in docs/dataset_config
   an error.  The list is de-duplicated and sorted.
 * Video frame keys (``target_frames``, ``frame_extraction``, ...) may also be given in ``[general]`` as defaults
   for the video datasets (musubi rejects them there); in an image dataset table they are an error.
-* ``enable_bucket`` is honoured for video datasets too (musubi always buckets videos).
+* ``enable_bucket`` is honoured for video datasets too (musubi always buckets videos); a video dataset that does not
+  set it (nor ``[general]``) gets a warning saying so, once per dataset each time the config is read.
 * ``cache_directory`` defaults to the media directory; it is required for JSONL datasets; two datasets that
   resolve to the same directory are an error.
 * Control images (``control_directory``, ``multiple_target = true``) are rejected; FramePack-only and
@@ -85,7 +86,7 @@ MEDIA_KEYS = ("image_directory", "image_jsonl_file", "video_directory", "video_j
 COMMON_KEYS = ("resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale")
 VIDEO_KEYS = ("target_frames", "frame_extraction", "frame_stride", "frame_sample", "max_frames", "source_fps")
 GENERAL_KEYS = COMMON_KEYS + VIDEO_KEYS
-DATASET_KEYS = MEDIA_KEYS + ("cache_directory",) + GENERAL_KEYS
+DATASET_KEYS = MEDIA_KEYS + ("cache_directory", "is_validation") + GENERAL_KEYS
 # musubi keys that mean nothing for Kandinsky 5 (FramePack, control resizing): accepted, warned about, ignored.
 IGNORED_KEYS = (
     "fp_latent_window_size",
@@ -137,6 +138,7 @@ class DatasetSpec:
     frame_sample: int = 1
     max_frames: int = 129
     source_fps: float | None = None
+    is_validation: bool = False  # held out: cached like the others, never trained on, used for the validation loss
 
     @property
     def name(self) -> str:
@@ -243,9 +245,16 @@ def _parse_dataset(index: int, table: Mapping[str, Any], defaults: Mapping[str, 
         directory=media if is_dir else None,
         jsonl_file=None if is_dir else media,
         cache_directory=cache_dir,
+        is_validation=_bool(table.get("is_validation", False), f"{where}.is_validation"),
         **values,
     )
     _check_spec(spec, where)
+    if kind == "video" and "enable_bucket" not in table and "enable_bucket" not in defaults:
+        w, h = spec.resolution
+        log.warning(
+            "%s: enable_bucket is not set, so every clip is resized and centre-cropped to %dx%d; musubi always "
+            "buckets videos: set enable_bucket = true to match it (false silences this)", where, w, h,
+        )  # fmt: skip
     return spec
 
 

@@ -4,9 +4,10 @@ Discovery (``discover_items``) globs every ``[[datasets]]`` cache directory for 
 text cache of its ``item_key`` and checks both *headers* up front (no tensor data is read), so a missing, damaged
 or mismatched cache fails before the DiT is loaded, with a message naming the script to re-run.  Checked:
 
-* text caches match ``dataset.caching.text_expect(task)`` (the task's template and max length -- the video template
-  and 256 tokens for every video task, image and video datasets alike -- and task family) and their Qwen / CLIP
-  widths equal the task's DiT (``in_text_dim`` / ``in_text_dim2``), so a cache of another model is refused;
+* text caches match ``dataset.caching.text_expect(task)`` (the task's max length -- 256 tokens for every video
+  task -- and task family), hold the prompt template each of their clips needs (``configs.prompt_template``: one
+  frame "image", longer clips the task's "video", as the official sampler), and their Qwen / CLIP widths equal
+  the task's DiT (``in_text_dim`` / ``in_text_dim2``), so a cache of another model is refused;
 * latent caches match ``dataset.caching.latent_expect()`` (stage, format version);
 * every latent cache has ``latents_image`` when the task is I2V.
 
@@ -40,14 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch.utils.data import Dataset, Sampler
 
 from dataset.buckets import make_batches
 from dataset.cache import (
     CacheError,
+    cache_templates,
     list_cache_files,
     read_cache_meta,
+    read_cache_shapes,
     read_latent_cache,
     read_text_cache,
     text_cache_path,
@@ -55,7 +57,7 @@ from dataset.cache import (
 from dataset.caching import latent_expect, text_expect
 from dataset.config import DatasetConfig
 from kandinsky5.common import UserError
-from kandinsky5.configs import TaskConfig
+from kandinsky5.configs import TaskConfig, prompt_template
 
 __all__ = ["CachedItem", "discover_items", "LatentDataset", "collate", "BucketBatchSampler"]
 
@@ -73,6 +75,8 @@ class CachedItem:
     dataset_index: int
     batch_size: int
     num_repeats: int
+    item_key: str = ""  # the media item (all clips of one video share it); the validation split hashes it
+    template: str = "video"  # prompt template of the text embeddings this clip trains with
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -81,12 +85,18 @@ class CachedItem:
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return read_cache_shapes(path)
 
 
-def _check_text(path: Path, task: TaskConfig) -> None:
-    read_cache_meta(path, "text", text_expect(task))  # CacheError names the script to re-run
+def _check_text(path: Path, task: TaskConfig, templates: set[str]) -> None:
+    meta = read_cache_meta(path, "text", text_expect(task))  # CacheError names the script to re-run
+    missing = sorted(templates - set(cache_templates(meta)))
+    if missing:
+        raise CacheError(
+            f"{path}: text cache holds the {', '.join(map(repr, cache_templates(meta)))} prompt template(s) but "
+            f"clips of this item need {', '.join(map(repr, missing))} (1-frame clips are conditioned with 'image', "
+            f"as at inference); re-run {_TE_SCRIPT} to rebuild it"
+        )
     shapes = _tensor_shapes(path)
     widths = (shapes["text_embeds"][-1], shapes["pooled_embed"][-1])
     wanted = (task.dit.in_text_dim, task.dit.in_text_dim2)
@@ -120,14 +130,18 @@ def discover_items(config: DatasetConfig, task: TaskConfig) -> list[CachedItem]:
                     f"{spec.name}: no latent caches in {spec.cache_directory}; run {_LATENT_SCRIPT} "
                     f"--dataset_config {config.path} first"
                 )
-            checked: set[Path] = set()
+            found = []
             for path in latents:
                 shape, key = _latent_shape(path, task)
-                text = text_cache_path(spec.cache_directory, key)
-                if text not in checked:
-                    _check_text(text, task)
-                    checked.add(text)
-                items.append(CachedItem(path, text, shape, spec.index, spec.batch_size, spec.num_repeats))
+                template = prompt_template(4 * (shape[0] - 1) + 1, task)
+                found.append(CachedItem(path, text_cache_path(spec.cache_directory, key), shape, spec.index,
+                                        spec.batch_size, spec.num_repeats, key, template))  # fmt: skip
+            needs: dict[Path, set[str]] = {}
+            for item in found:
+                needs.setdefault(item.text_path, set()).add(item.template)
+            for text, templates in needs.items():
+                _check_text(text, task, templates)
+            items += found
     except CacheError as exc:
         raise UserError(str(exc)) from None
     return items
@@ -151,7 +165,7 @@ class LatentDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]
         latent = read_latent_cache(item.latent_path)
-        text = read_text_cache(item.text_path)
+        text = read_text_cache(item.text_path, template=item.template)
         sample = {"latents": latent.latents, "text_embeds": text.embeds, "pooled": text.pooled}
         if self.with_image:
             sample["latents_image"] = latent.latents_image

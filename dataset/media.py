@@ -99,6 +99,7 @@ class ClipPlan:
     source_size: tuple[int, int]  # (W, H) of the media file (part of the cache file name, as in musubi)
     frame_indices: tuple[int, ...]  # on the 24 fps timeline; (0,) for images
     source_indices: tuple[int, ...]  # decoded-frame positions in the file
+    source_frames: int = 1  # frames in the media file (recorded in the cache: the trainer re-derives the windows)
 
     @property
     def start(self) -> int | None:
@@ -237,7 +238,8 @@ def plan_clips(item: Item, spec: DatasetSpec) -> list[ClipPlan]:
             len(source),
             spec.target_frames[0],
         )
-    return [ClipPlan("video", bucket, info.size, tuple(w), tuple(source[i] for i in w)) for w in windows]
+    n = info.num_frames
+    return [ClipPlan("video", bucket, info.size, tuple(w), tuple(source[i] for i in w), n) for w in windows]
 
 
 def _bucket(item: Item, spec: DatasetSpec, size: tuple[int, int]) -> tuple[int, int]:

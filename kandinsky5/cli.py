@@ -7,8 +7,11 @@ The four scripts build their parsers from these groups so that a flag means the 
 * :func:`add_memory_args` — ``--fp8_base``, ``--fp8_scaled``, ``--fp8_fast``, ``--blocks_to_swap``, ...
 
 :func:`parse_args` reads an optional TOML file (``--config_file``) whose keys must be flag names (unknown keys are an
-error listing the close matches); the command line wins over the file.  :func:`run_main` turns a
-:class:`~kandinsky5.common.UserError` into one line on stderr and exit status 1.
+error listing the close matches); the command line wins over the file; ``--config_file run`` also finds
+``run.toml`` (as musubi).  It then refuses musubi flags that are not offered (:mod:`kandinsky5.musubi_compat`).
+:class:`HelpFormatter` shows every flag's default in ``--help``.  :func:`run_main` turns a
+:class:`~kandinsky5.common.UserError` into one line on stderr and exit status 1; :func:`add_debug_arg` adds
+``--debug``, which prints the full traceback as well.
 """
 
 from __future__ import annotations
@@ -16,19 +19,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kandinsky5.common import UserError, get_logger
+from kandinsky5.common import DEBUG_FLAG, UserError, get_logger, run_cli
 from kandinsky5.configs import NablaConfig, TaskConfig, get_task, task_names
-from kandinsky5.model.attention import backend_from_flags, resolve_backend
+from kandinsky5.model.attention import backend_from_flags, check_backend_dtype, resolve_backend
+from kandinsky5.musubi_compat import check_args
 
 __all__ = [
     "add_model_args",
     "add_attention_args",
     "add_memory_args",
     "add_config_file_arg",
+    "HelpFormatter",
+    "add_debug_arg",
     "parse_args",
     "task_from_args",
     "attention_spec_from_args",
@@ -79,21 +84,25 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     n.add_argument(
         "--force_nabla_attention", action="store_true", help="use NABLA even if the task defaults to dense attention"
     )
-    n.add_argument("--nabla_method", choices=("topcdf", "topk"), default=None, help="block selection (topcdf)")
-    n.add_argument("--nabla_P", type=float, default=None, help="CDF threshold / kept fraction (task value or 0.9)")
-    n.add_argument("--nabla_wT", type=int, default=None, help="STA window in latent frames (11)")
-    n.add_argument("--nabla_wH", type=int, default=None, help="STA window in 8x8-token tiles, height (3)")
-    n.add_argument("--nabla_wW", type=int, default=None, help="STA window in 8x8-token tiles, width (3)")
-    sta = n.add_mutually_exclusive_group()
-    sta.add_argument(
-        "--nabla_add_sta",
-        dest="nabla_add_sta",
-        action="store_true",
-        default=None,
-        help="OR the sliding-tile (STA) prior into the NABLA mask (default)",
-    )
-    sta.add_argument("--no_nabla_add_sta", dest="nabla_add_sta", action="store_false",
-                     help="use only the dynamic NABLA mask, without the STA prior")  # fmt: skip
+    n.add_argument("--nabla_method", choices=("topcdf", "topk"), default=None,
+                   help="block selection (default: task's or topcdf)")  # fmt: skip
+    n.add_argument("--nabla_P", type=float, default=None, help="CDF threshold / kept fraction (default: task's or 0.9)")
+    n.add_argument("--nabla_wT", type=int, default=None, help="STA window, latent frames (default: task's or 11)")
+    n.add_argument("--nabla_wH", type=int, default=None, help="STA window, 8x8-token tiles, height (default 3)")
+    n.add_argument("--nabla_wW", type=int, default=None, help="STA window, 8x8-token tiles, width (default 3)")
+    _add_on_off(
+        n, "--nabla_add_sta", "--no_nabla_add_sta",
+        "OR the sliding-tile (STA) prior into the NABLA mask (default)",
+        "use only the dynamic NABLA mask, without the STA prior",
+    )  # fmt: skip
+
+
+def _add_on_off(group, on: str, off: str, on_help: str, off_help: str) -> None:
+    """Two exclusive switches writing True / False to ``on``'s dest (None when neither is given)."""
+    pair = group.add_mutually_exclusive_group()
+    dest = on.removeprefix("--")
+    pair.add_argument(on, dest=dest, action="store_true", default=None, help=on_help)
+    pair.add_argument(off, dest=dest, action="store_false", help=off_help)
 
 
 def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
@@ -102,9 +111,11 @@ def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> 
     g.add_argument("--fp8_scaled", action="store_true", help="accepted for musubi compatibility; fp8 is always scaled")
     g.add_argument("--fp8_fast", action="store_true", help="with --fp8_base: fp8 scaled matmul on GPUs that have it")
     g.add_argument("--blocks_to_swap", type=int, default=0, help="transformer blocks kept in CPU memory and streamed")
-    g.add_argument(
-        "--use_pinned_memory_for_block_swap", action="store_true", help="pin swapped blocks' CPU memory (faster copy)"
-    )
+    _add_on_off(
+        g, "--use_pinned_memory_for_block_swap", "--no_pinned_memory_for_block_swap",
+        "pin the swapped blocks' CPU memory so copies overlap compute (default: on when CUDA is present)",
+        "keep the swapped blocks in pageable CPU memory (locks no host RAM; copies no longer overlap compute)",
+    )  # fmt: skip
     g.add_argument(
         "--offload_dit_during_sampling",
         action="store_true",
@@ -125,16 +136,42 @@ def add_config_file_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` with every flag's default: appended as ``(default: ...)`` unless the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        return f"{text} (default: {_default_text(action.default)})"
+
+
+def _default_text(value: object) -> str:
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).replace("%", "%%")
+
+
+def config_file_path(path: str) -> Path:
+    """``--config_file run`` finds ``run.toml`` (as musubi) when ``run`` itself does not exist."""
+    file = Path(path)
+    if not file.exists() and file.suffix != ".toml" and file.with_name(file.name + ".toml").exists():
+        return file.with_name(file.name + ".toml")
+    return file
+
+
 def _apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
     import toml
 
-    file = Path(path)
+    file = config_file_path(path)
     if not file.exists():
-        raise UserError(f"--config_file {path} does not exist")
+        raise UserError(f"--config_file {path} does not exist (nor {path}.toml)")
     try:
         values = toml.load(file)
     except toml.TomlDecodeError as exc:
-        raise UserError(f"--config_file {path} is not valid TOML: {exc}") from None
+        raise UserError(f"--config_file {file} is not valid TOML: {exc}") from None
     flat = {}
     for key, value in values.items():
         flat.update(value if isinstance(value, dict) else {key: value})  # [sections] are only for grouping
@@ -143,7 +180,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
         if key not in dests:
             close = difflib.get_close_matches(key, dests, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UserError(f"unknown key {key!r} in --config_file {path}{hint}")
+            raise UserError(f"unknown key {key!r} in --config_file {file}{hint}")
     parser.set_defaults(**flat)
 
 
@@ -152,7 +189,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     pre, _ = parser.parse_known_args(argv)
     if getattr(pre, "config_file", None):
         _apply_config_file(parser, pre.config_file)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
 
 
 def task_from_args(args: argparse.Namespace) -> TaskConfig:
@@ -185,12 +224,19 @@ def nabla_from_args(args: argparse.Namespace, task: TaskConfig) -> NablaConfig |
         raise UserError(str(exc)) from None
 
 
-def attention_spec_from_args(args: argparse.Namespace, task: TaskConfig):
-    """Resolve the attention flags into a :class:`kandinsky5.model.dit.AttentionSpec` (imports happen here, once)."""
+def attention_spec_from_args(args: argparse.Namespace, task: TaskConfig, precision: tuple | None = None):
+    """Resolve the attention flags into a :class:`kandinsky5.model.dit.AttentionSpec` (imports happen here, once).
+
+    ``precision`` = (compute dtype, the flag that chose it), e.g. ``(torch.float32, "--mixed_precision no")``: a
+    dense backend without kernels for that dtype is refused now, before any model loads (NABLA runs instead of the
+    dense backend, so it is not checked then).
+    """
     from kandinsky5.model.dit import AttentionSpec
 
     backend = backend_from_flags(**{f: bool(getattr(args, f, False)) for f in _BACKEND_FLAGS})
     nabla = nabla_from_args(args, task)
+    if precision is not None and nabla is None:
+        check_backend_dtype(backend, *precision)
     resolve_backend(backend, log_choice=nabla is None)  # import the kernel now: a missing package fails here
     if nabla is not None:
         log.info(
@@ -200,10 +246,15 @@ def attention_spec_from_args(args: argparse.Namespace, task: TaskConfig):
     return AttentionSpec(backend=backend, nabla=nabla)
 
 
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        DEBUG_FLAG,
+        action="store_true",
+        help="on an error also print the full Python traceback (default: one 'error: ...' line)",
+    )
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call ``main(argv)``; a UserError becomes ``error: <message>`` on stderr and exit status 1."""
-    try:
-        return main(argv) or 0
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    """Call ``main(argv)``; a UserError becomes ``error: <message>`` on stderr and exit status 1 (``--debug``: with
+    the traceback).  See ``kandinsky5.common.run_cli``."""
+    return run_cli(main, argv)

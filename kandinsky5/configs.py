@@ -32,6 +32,7 @@ __all__ = [
     "get_task",
     "task_names",
     "latent_frames",
+    "prompt_template",
     "LITE_DIT",
     "PRO_DIT",
     "TINY_DIT",
@@ -141,6 +142,12 @@ def latent_frames(frames: int) -> int:
         lo = max(1, (frames - 1) // 4 * 4 + 1)
         raise ValueError(f"frame count must be 4k+1 (1, 5, 9, ..., 121); got {frames}, nearest valid: {lo}, {lo + 4}")
     return (frames - 1) // 4 + 1
+
+
+def prompt_template(frames: int, task: TaskConfig | None = None) -> str:
+    """The Qwen prompt template for ``frames`` pixel frames, as the official sampler picks it: ``"image"`` for one
+    frame, the task's template (``"video"``) otherwise.  Caching and sampling both use this rule."""
+    return "image" if frames == 1 else (task.text_template if task is not None else "video")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -123,6 +123,13 @@ class MemoryPlan:
         )
         return "\n".join(lines)
 
+    def cpu_line(self) -> str:
+        """The printout of a run without a GPU: one line (every weight is in CPU memory; swap moves nothing)."""
+        return (
+            f"CPU run: {_fmt(self.total)} of weights in CPU memory, {self.params:,} params; fp8 saves "
+            f"{_fmt(self.baseline - self.total)} (block swap moves nothing without a GPU)"
+        )
+
 
 def _fmt(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"

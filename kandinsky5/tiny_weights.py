@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kandinsky5.common import atomic_path, get_logger
+from kandinsky5.common import atomic_path, get_logger, quiet_hf_progress
 from kandinsky5.model.text_encoders import QWEN_TEMPLATES
 from kandinsky5.model.vae import SCALING_FACTOR
 
@@ -274,6 +274,7 @@ def build_dit_state(task: str, seed: int) -> dict[str, torch.Tensor]:
 def _save_dir(dest: Path, savers: Iterable[Callable[[str], object]]) -> None:
     """Run ``save_pretrained``-style savers into a staging dir, then move each file into ``dest`` atomically."""
     dest.mkdir(parents=True, exist_ok=True)
+    quiet_hf_progress()  # no "Writing model shards" bar per model
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.staging.") as staging:
         for save in savers:
             save(staging)

@@ -23,6 +23,8 @@ targeted unless included: the modulation linears, the embeddings and ``out_layer
 ``factor``             LoKr only: int, the Kronecker factor (-1 = as square as possible)
 ``decompose_both``     LoKr only: bool, also factor the small matrix w1 with rank network_dim
 ``full_matrix``        LoKr only: bool, keep w2 a full matrix (no rank)
+``loraplus_lr_ratio``  LoRA only: float > 0, LoRA+: the trainer gives ``lora_up`` ``ratio`` x the learning rate
+``verbose``            bool, log every targeted module (as musubi)
 =====================  ================================================================================
 
 Files: ``save_lora`` writes ``diffusers`` keys (LoRA default: loads in ComfyUI, diffusers and the official repo),
@@ -36,18 +38,15 @@ and official-repo LoRAs (a directory, or a file with ``config_lora.json`` beside
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from kandinsky5.common import UserError, atomic_path, parse_dtype
+from kandinsky5.common import UserError, get_logger, parse_dtype, run_cli
+from kandinsky5.files import load_safetensors, read_json, save_safetensors
 from networks.formats import (
     FORMATS,
     from_canonical,
@@ -76,7 +75,7 @@ __all__ = [
     "main",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 NETWORK_MODULE = "networks.lora_kandinsky"
 OFFICIAL_CONFIG = "config_lora.json"  # the official repo's PEFT LoraConfig beside the weights
@@ -108,8 +107,8 @@ K5_SEGMENTS: tuple[str, ...] = (
     "pooled_text_embeddings",
     "visual_embeddings",
 )
-_COMMON_ARGS = ("include_patterns", "exclude_patterns", "rank_dropout", "module_dropout", "dropout")
-_KIND_ARGS = {"lora": (), "loha": (), "lokr": ("factor", "decompose_both", "full_matrix")}
+_COMMON_ARGS = ("include_patterns", "exclude_patterns", "rank_dropout", "module_dropout", "dropout", "verbose")
+_KIND_ARGS = {"lora": ("loraplus_lr_ratio",), "loha": (), "lokr": ("factor", "decompose_both", "full_matrix")}
 _NETWORK_ARGS = _COMMON_ARGS  # the LoRA module's keys (kept for callers that list them)
 _MUSUBI_CALL_KWARGS = ("vae", "text_encoders", "text_encoder", "unet")  # accepted and ignored (musubi call shape)
 
@@ -159,6 +158,9 @@ def _parse_network_args(network_args: Mapping[str, object] | None, kind: str = "
         if not 0.0 <= value < 1.0:
             raise ValueError(f"network_args {key} must be in [0, 1), got {value}")
         parsed[key] = value
+    ratio = args.get("loraplus_lr_ratio")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and ratio > 0):
+        raise ValueError(f"network_args loraplus_lr_ratio must be a positive number (e.g. 16), got {ratio!r}")
     parsed["factory"] = adapter_factory(kind, **_kind_args(kind, args))
     return parsed
 
@@ -174,7 +176,7 @@ def build_network(kind: str, network_module: str, multiplier: float, network_dim
     args = _parse_network_args(network_args, kind)
     if neuron_dropout:
         args["dropout"] = float(neuron_dropout)
-    return LoRANetwork(
+    network = LoRANetwork(
         dit,
         rank=network_dim or 4,
         alpha=1.0 if network_alpha is None else network_alpha,
@@ -183,6 +185,9 @@ def build_network(kind: str, network_module: str, multiplier: float, network_dim
         network_module=network_module,
         **args,
     )
+    if (network_args or {}).get("verbose") in (True, "True", "true", 1):
+        log.info("%s targets (%d): %s", kind, len(network.names), ", ".join(network.names))
+    return network
 
 
 def create_network(
@@ -300,15 +305,15 @@ def save_lora(
     meta = format_metadata(sd, format, {"ss_network_module": module, **(metadata or {})})
     tensors = {k: v.detach().contiguous().cpu() for k, v in from_canonical(sd, format).items()}
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(tensors, meta)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(tensors, path, meta, what="LoRA")  # atomic; a failed write is one line, the old file kept
     return meta
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, header metadata) of a safetensors file, keys as stored."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+def read_safetensors(path: str | Path, what: str = "LoRA") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file, keys as stored: the one entry point for reading adapter
+    files.  The header is validated first (``kandinsky5.files``): a missing, truncated or foreign file is one
+    ``UserError`` line naming ``what`` (the flag) and the file."""
+    return load_safetensors(path, what)
 
 
 @dataclass
@@ -344,10 +349,7 @@ def _official_layout(path: Path) -> tuple[Path, Path | None]:
 
 
 def _read_official_config(config: Path) -> dict:
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config} is not a readable LoraConfig JSON ({exc})") from None
+    data = read_json(config, OFFICIAL_CONFIG)
     if not isinstance(data, dict) or "r" not in data:
         raise ValueError(f"{config} is not a PEFT LoraConfig (no 'r')")
     return data
@@ -370,10 +372,11 @@ def _check_peft_targets(config: Mapping, sd: Mapping[str, torch.Tensor], origins
             raise ValueError(f"key {key!r} is not a target_modules entry of {src}; the official loader would skip it")
 
 
-def read_adapter(path: str | Path) -> AdapterFile:
-    """Read an adapter in any supported format into canonical form (nothing is applied; see module docstring)."""
+def read_adapter(path: str | Path, what: str = "LoRA") -> AdapterFile:
+    """Read an adapter in any supported format into canonical form (nothing is applied; see module docstring).
+    ``what`` names the flag in errors about the file itself."""
     weights, config_path = _official_layout(Path(path))
-    raw, metadata = read_safetensors(weights)
+    raw, metadata = read_safetensors(weights, what)
     config, used = _peft_config(raw, metadata, config_path)
     origins: dict[str, str] = {}
     sd, fmt = to_canonical(raw, K5_SEGMENTS, folded_alphas_from_metadata(metadata), config, origins)
@@ -385,9 +388,9 @@ def read_adapter(path: str | Path) -> AdapterFile:
     return AdapterFile(sd, metadata, fmt, weights, origins, used)
 
 
-def load_lora_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_lora_state_dict(path: str | Path, what: str = "LoRA") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read an adapter in any supported format -> (canonical state dict, metadata); ``k5_format`` = detected format."""
-    adapter = read_adapter(path)
+    adapter = read_adapter(path, what)
     return adapter.sd, adapter.metadata
 
 
@@ -401,7 +404,7 @@ _REGENERATED = ("k5_format", "k5_alpha_folded", "k5_alphas", "ss_network_dim", "
 
 def convert(src: str | Path, dst: str | Path, format: str | None, dtype: torch.dtype | None = None) -> dict[str, str]:
     """Rewrite an adapter file in another key format, keeping its metadata (``format`` None: the default)."""
-    adapter = read_adapter(src)
+    adapter = read_adapter(src, "input")
     kept = {k: v for k, v in adapter.metadata.items() if k not in _REGENERATED}
     return save_lora(dst, adapter.sd, kept, format=format, dtype=dtype)
 
@@ -417,23 +420,24 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--format", choices=FORMATS, default=None,
                       help="key format to write (default: diffusers for LoRA, comfyui for LoHa/LoKr/diff)")  # fmt: skip
     conv.add_argument("--dtype", default=None, help="cast the weights: bf16, fp16 or fp32 (default: keep)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
+    conv.add_argument("--debug", action="store_true", help="on an error also print the full traceback")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import sys
-
     args = _parser().parse_args(argv)
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    if Path(args.output).exists() and not args.overwrite:
+        raise UserError(f"output {args.output} already exists; pass --overwrite to replace it")
     try:
-        dtype = parse_dtype(args.dtype) if args.dtype else None
         meta = convert(args.input, args.output, args.format, dtype)
-    except (OSError, ValueError, UserError) as exc:  # bad files, keys that cannot be applied: one line
-        print(f"error: {args.input}: {exc}", file=sys.stderr)
-        return 1
+    except ValueError as exc:  # keys that cannot be applied, a format that cannot hold them: one line
+        raise UserError(f"input {args.input}: {exc}") from None
     rank, alpha = meta.get("ss_network_dim", "-"), meta.get("ss_network_alpha", "-")
     print(f"wrote {args.output}: format {meta['k5_format']}, rank {rank}, alpha {alpha}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

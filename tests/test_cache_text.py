@@ -115,19 +115,23 @@ def seed_run(tmp_path_factory, toy, encoder_args) -> Path:
            "--batch_size", "4"]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "template 'video', max length 256 tokens (task k5-pro-t2v-5s-sd)" in run.stderr
+    assert "template 'video' ('image' for 1-frame clips), max length 256 tokens (task k5-pro-t2v-5s-sd)" in run.stderr
     assert "device cpu, dtype float32" in run.stderr
     return toml
 
 
-def test_seed_command_caches_every_item_with_video_template(seed_run, encoder):
+def test_seed_command_caches_every_item_with_the_inference_template(seed_run, encoder):
     caches = _caches(seed_run)
     assert len(caches) == 6  # 4 png + 2 mp4
     for (spec, item), path in zip(_items(seed_run), caches.values()):
         cache = read_text_cache(path, text_expect(get_task(SEED_TASK), encoder.identity, item.caption))
         meta = cache.meta
-        # image items too: the model is conditioned with the task's (video) template at inference
-        assert (meta["template"], meta["max_length"], meta["task_family"]) == ("video", 256, "video"), spec.kind
+        # as the official sampler: one frame (the images) -> the image template, clips -> the video template
+        template = "image" if spec.kind == "image" else "video"
+        assert (meta["template"], meta["max_length"], meta["task_family"]) == (template, 256, "video"), spec.kind
+        assert meta["templates"] == [template]
+        embeds, pooled = encoder.encode([item.caption], template, 256).unpadded(0)
+        torch.testing.assert_close(cache.embeds, embeds, atol=1e-5, rtol=1e-5)
         assert meta["caption"] == item.caption and meta["item_key"] == item.key and meta["task"] == SEED_TASK
         assert meta["text_encoder"] == encoder.identity and meta["dtype"] == "float32"
         assert meta["qwen_4bit"] is False and meta["stage"] == "text"
@@ -142,14 +146,17 @@ def test_batch_equals_one_caption_at_a_time(seed_run, script, encoder, encoder_a
         single = read_text_cache(path)
         torch.testing.assert_close(single.embeds, batched[item.key].embeds, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(single.pooled, batched[item.key].pooled, atol=1e-5, rtol=1e-5)
-        embeds, pooled = encoder.encode([item.caption], "video", 256).unpadded(0)  # what inference computes
+        template = single.meta["template"]
+        embeds, pooled = encoder.encode([item.caption], template, 256).unpadded(0)  # what inference computes
         torch.testing.assert_close(single.embeds, embeds, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(single.pooled, pooled, atol=1e-5, rtol=1e-5)
 
 
 def test_expect_contract_refuses_other_settings(seed_run, encoder):
-    path = next(iter(_caches(seed_run).values()))
+    path = next(p for p in _caches(seed_run).values() if p.name.endswith(".mp4_k5_te.safetensors"))
     read_text_cache(path, text_expect(get_task("k5-lite-t2v-5s-sd"), encoder.identity))  # any video task matches
+    with pytest.raises(CacheError, match="holds the 'video' prompt template.*needs 'image'"):
+        read_text_cache(path, template="image")
     with pytest.raises(CacheError, match="max_length=256 but the current settings need max_length=512"):
         read_text_cache(path, {**text_expect(get_task(SEED_TASK)), "max_length": 512})
     with pytest.raises(CacheError, match="template='video'.*template='image'"):
@@ -228,11 +235,15 @@ def test_errors_are_one_line(script, encoder_args, tmp_path, toy, capsys):
 
 
 def test_help_documents_every_flag_and_the_default_task(script):
+    from kandinsky5.musubi_compat import FIXED, REFUSED
+
     parser = script.build_parser()
+    skip = {*REFUSED["cache_text"], *FIXED["cache_text"], "--debug"}  # musubi's refused / fixed; --debug: all
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) <= 12, [a.dest for a in flags]
+    counted = [a for a in flags if a.option_strings[0] not in skip]
+    assert len(counted) <= 12, [a.dest for a in counted]
     assert all(a.help for a in flags)
     text = " ".join(parser.format_help().split())
-    assert f"default: {SEED_TASK}" in text and "video template and 256 tokens" in text
+    assert f"default: {SEED_TASK}" in text and "256 tokens and the video template, 1-frame items the image" in text
     assert "bfloat16 on CUDA" in text and "float32 on CPU" in text
     assert parser.parse_args([]).task == SEED_TASK

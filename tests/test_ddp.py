@@ -6,6 +6,7 @@ rank logs a digest of its LoRA weights (``training.check_ranks_agree``) and the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -37,7 +38,8 @@ def test_two_gloo_ranks_end_with_identical_lora_weights(tiny_bundle, tmp_path):
     accelerate = str(Path(sys.executable).parent / "accelerate")
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
               "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]  # fmt: skip
-    args = base_args(tiny_bundle, toml, out, steps=3) + ["--save_state", "--network_dropout", "0.1"]
+    validation = ["--validation_split", "0.5", "--validation_timesteps", "0.3,0.7"]  # 2 items, one per rank
+    args = base_args(tiny_bundle, toml, out, steps=3) + ["--save_state", "--network_dropout", "0.1", *validation]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(launch + ["kandinsky5_train_network.py", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
@@ -51,7 +53,15 @@ def test_two_gloo_ranks_end_with_identical_lora_weights(tiny_bundle, tmp_path):
     assert len(rng) == 2 and not torch.equal(rng[0]["generator"], rng[1]["generator"])  # per-rank noise streams
     lora = load_file(out / "lora.safetensors")
     assert any(float(v.abs().max()) > 0 for k, v in lora.items() if k.endswith("lora_B.weight"))  # default format
-    assert sorted(p.name for p in out.iterdir()) == ["lora-state", "lora.safetensors"]  # rank 0 only, no temp dirs
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "lora-state", "lora.safetensors"]  # rank 0, no temps
+    (folder,) = (out / "logs").iterdir()  # one run folder, from rank 0
+    # the validation loss is sharded over the ranks and gathered: the same number as one process computes
+    from tests.test_train_cli import train
+
+    assert train(base_args(tiny_bundle, toml, tmp_path / "one", steps=1) + validation + ["--log_with", "none"]) == 0
+    (single,) = (tmp_path / "one" / "logs").iterdir()
+    two, one = (json.loads((f / "history.json").read_text())["validation"][0] for f in (folder, single))
+    assert two["items"] == one["items"] == 2 and two["mean"] == pytest.approx(one["mean"], rel=1e-6)
 
 
 def _bucketed_all_reduce_worker(rank: int, port: int, result) -> None:

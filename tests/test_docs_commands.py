@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.test_report import assert_clean_console
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "kandinsky5.md"
 
@@ -77,5 +79,6 @@ def test_every_bash_block_of_the_guide_runs(tiny_bundle, tmp_path):
         run = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         output = run.stdout[-3000:] + run.stderr[-3000:]
         assert run.returncode == 0, f"command failed:\n{command}\n--- output ---\n{output}"
+        assert_clean_console(run.stdout + run.stderr)  # no traceback, no bitsandbytes noise, no log line in a bar
     assert (tmp_path / "t2v.mp4").stat().st_size > 0
     assert (tmp_path / "i2v.mp4").stat().st_size > 0

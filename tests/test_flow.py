@@ -100,7 +100,7 @@ def test_velocity_is_time_derivative_and_dit_time():
 
 def test_unknown_mode_lists_modes():
     with pytest.raises(ValueError, match="valid modes: " + ", ".join(TIMESTEP_MODES)):
-        TimestepConfig(mode="flux_shift")
+        TimestepConfig(mode="bogus_shift")
     with pytest.raises(ValueError, match="min_timestep"):
         TimestepConfig(min_timestep=600, max_timestep=500)
 

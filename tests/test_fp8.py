@@ -324,3 +324,34 @@ def test_convert_to_fp8_on_a_materialised_model_keeps_keys():
     new_keys = set(model.state_dict())
     assert new_keys == keys | {f"{n}.scale_weight" for n in names}
     assert all(isinstance(model.get_submodule(n), FP8Linear) for n in names)
+
+
+def _old_formula_scaled_mm(x, q, scale, bias):
+    """The straightforward formula (fp32 copy of x, pad, divide, clamp, cast): the numerics the fast path keeps."""
+    x2d = x.reshape(-1, x.shape[-1]).float()
+    rows = x2d.shape[0]
+    x2d = nn.functional.pad(x2d, (0, 0, 0, -rows % 16))
+    x_scale = (x2d.abs().amax(dim=1, keepdim=True) / fp8.FP8_MAX).clamp(min=1e-12)
+    xq = (x2d / x_scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(FP8_DTYPE)
+    w_scale = scale.float().reshape(1, -1).contiguous()
+    out = torch._scaled_mm(xq, q.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)[:rows]
+    return (out + bias.to(out.dtype)).view(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("rows", [1000, 1008])  # padded to 1008 / already a multiple of 16
+def test_fp8_fast_makes_no_float_copy_of_the_activation(rows):
+    """Issue 11 item 4: peak transient of the fast path <= 1.5x the bf16 input (was ~6x: four fp32 copies + pad)."""
+    from tests.peak_memory import PeakMemory
+
+    layer = FP8Linear.from_linear(nn.Linear(2048, 256), block=2048)
+    x = torch.randn(1, rows, 2048, dtype=torch.bfloat16) * 3
+    x[0, 7] = 0.0  # an all-zero row
+    with PeakMemory() as mem:
+        out = fp8._scaled_mm_linear(x, layer.weight, layer.scale_weight, layer.bias)
+    transient = mem.peak - out.untyped_storage().nbytes()
+    assert transient <= 1.5 * x.numel() * x.element_size(), (transient, x.numel() * 2)
+    ref = _old_formula_scaled_mm(x, layer.weight, layer.scale_weight, layer.bias)
+    assert out.shape == (1, rows, 256) and torch.equal(out, ref)  # same numerics, bit for bit
+    xq, x_scale = fp8._quantize_rows(x[0], chunk=2048 * 100)  # many chunks: the same values
+    assert torch.equal(xq.view(torch.uint8), fp8._quantize_rows(x[0])[0].view(torch.uint8))
+    assert xq.shape[0] % 16 == 0 and bool((xq[rows:].float() == 0).all()) and bool((x_scale[rows:] == 1).all())

@@ -3,8 +3,9 @@
 * nothing imports a script (``kandinsky5_*.py``);
 * ``kandinsky5`` imports neither ``dataset`` nor ``networks``;
 * the model files (``dit``, ``attention``, ``nabla``, ``flow``, ``fp8``) import no argparse / TOML;
-* ``dataset`` imports from ``kandinsky5`` only ``common`` and ``configs``;
-* ``networks`` imports from ``kandinsky5`` only ``common`` and ``configs``.
+* ``dataset`` imports from ``kandinsky5`` only layer 0: ``common``, ``configs``, ``files`` and ``preflight``;
+* ``networks`` imports from ``kandinsky5`` only layer 0;
+* the layer-0 modules themselves import no other ``kandinsky5`` module.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {p.stem for p in ROOT.glob("kandinsky5_*.py")}
 MODEL_FILES = {"model/dit", "model/attention", "model/nabla", "model/flow", "memory/fp8"}
-L0 = {"kandinsky5.common", "kandinsky5.configs"}
+L0 = {"kandinsky5.common", "kandinsky5.configs", "kandinsky5.files", "kandinsky5.preflight"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -77,3 +78,11 @@ def test_every_module_opens_with_a_docstring():
     for file in files:
         tree = ast.parse(file.read_text())
         assert ast.get_docstring(tree), f"{file.relative_to(ROOT)} has no module docstring"
+
+
+def test_layer0_imports_only_layer0():
+    for name in L0:
+        file = ROOT / (name.replace(".", "/") + ".py")
+        used = {n for n in _imports(file) if _top(n) == "kandinsky5" and n.count(".") >= 1}
+        bad = {n for n in used if not any(n == m or n.startswith(m + ".") for m in L0)}
+        assert not bad, f"{file.relative_to(ROOT)} imports {bad} (layer 0 may use only {sorted(L0)})"

@@ -329,7 +329,9 @@ def test_build_dit_logs_the_plan_and_the_switches(tmp_path, base, caplog):
         model = build_dit(TASK, path, "cpu", torch.float32, None, mem, training=True)
     text = caplog.text
     assert "fp8 on | block swap 2 | gradient checkpointing on (+ CPU activation offload)" in text
-    assert "swapped blocks (4 streamed, 2 on GPU)" in text and "fp8 saves" in text
+    assert "CPU run:" in text and "fp8 saves" in text and "GPU " not in text  # no GPU: one line, no GPU column
+    plan = memory_plan(_meta(TASK.name, True), torch.float32, 2)
+    assert "swapped blocks (4 streamed, 2 on GPU)" in plan.table() and "\n" not in plan.cpu_line()
     swapper = model._k5_block_swapper
     assert [s.name for s in swapper.slots] == block_names(model)[-4:]
     out = model(*_inputs())
@@ -373,3 +375,64 @@ def test_memory_plan_with_a_bf16_checkpoint_keeps_conditioning_in_bf16():
     plan = memory_plan(model, torch.bfloat16, stored=stored)
     assert plan.gpu == 27_531_260_032 - 2 * conditioning
     assert round(plan.gpu / 1e9, 1) == 22.8
+
+
+# ---- issue 11: pinned host memory for block swap by default on CUDA ----------------------------------------------
+
+
+def test_block_swap_pins_by_default_and_the_flag_turns_it_off(caplog):
+    assert MemoryConfig().pinned and memory_config_from_args(_args(["--blocks_to_swap", "4"])).pinned
+    off = memory_config_from_args(_args(["--blocks_to_swap", "4", "--no_pinned_memory_for_block_swap"]))
+    assert not off.pinned and "pageable" in off.describe()
+    with pytest.raises(SystemExit):  # the two switches exclude each other
+        _args(["--use_pinned_memory_for_block_swap", "--no_pinned_memory_for_block_swap"])
+    with caplog.at_level("WARNING"):
+        memory_config_from_args(_args(["--no_pinned_memory_for_block_swap"]))
+    assert "no effect without --blocks_to_swap" in caplog.text
+
+
+class _FakePinning:
+    """Pretend a CUDA runtime exists and record which CPU tensors get pinned (``fail``: the host refuses)."""
+
+    def __init__(self, monkeypatch, fail: bool = False):
+        from kandinsky5.memory import block_swap
+
+        self.pinned: set[int] = set()
+        monkeypatch.setattr(block_swap, "_PIN_FAILED", [])
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t, *a: t.data_ptr() in self.pinned)
+
+        def pin_memory(t, *a):
+            if fail:
+                raise RuntimeError("CUDA error: out of memory\nmore")
+            copy = t.clone()
+            self.pinned.add(copy.data_ptr())
+            return copy
+
+        monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+
+
+def test_streamed_weights_are_loaded_into_pinned_memory_for_a_cuda_device(monkeypatch):
+    """The loader's placement step for a CUDA run: weights of streamed blocks go to pinned CPU memory by default."""
+    from kandinsky5.memory.build import _load_transform
+
+    fake = _FakePinning(monkeypatch)
+    key, streamed = "visual_transformer_blocks.3.feed_forward.in_layer.weight", ["visual_transformer_blocks.3"]
+    for memory_cfg, expect in ((MemoryConfig(blocks_to_swap=2), True), (MemoryConfig(2, pinned=False), False)):
+        step = _load_transform(set(), streamed, torch.device("cuda"), torch.float32, memory_cfg)
+        placed = step.fn(key, torch.randn(8, 4))[key]
+        assert placed.device.type == "cpu" and placed.is_pinned() == expect
+    cpu_run = _load_transform(set(), streamed, torch.device("cpu"), torch.float32, MemoryConfig())
+    assert not cpu_run.fn(key, torch.randn(8, 4))[key].is_pinned()  # a CPU run pins nothing
+    assert len(fake.pinned) == 1
+
+
+def test_a_host_that_cannot_pin_warns_once_and_keeps_pageable_memory(monkeypatch, caplog):
+    from kandinsky5.memory.block_swap import pin
+
+    _FakePinning(monkeypatch, fail=True)
+    t = torch.randn(4)
+    with caplog.at_level("WARNING"):
+        assert pin(t, True) is t and pin(torch.randn(4), True) is not None
+    assert caplog.text.count("could not pin host memory (CUDA error: out of memory)") == 1
+    assert "--no_pinned_memory_for_block_swap" in caplog.text

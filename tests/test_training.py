@@ -42,6 +42,7 @@ def write_toy_cache(
     with_image: bool = True,
     batch_size: int = 2,
     seed: int = 0,
+    vae: str = "toy-vae",
 ) -> Path:
     """Write ``n_items`` cached clips + captions under ``root`` and return the dataset TOML path."""
     gen = torch.Generator().manual_seed(seed)
@@ -55,7 +56,7 @@ def write_toy_cache(
         latents = pattern[None, :, :, None] + 0.3 * torch.randn(frames, size, size, 16, generator=gen)
         image = latents[[0, -1]].clone() if with_image else None
         meta = {
-            "vae": "toy-vae", "source_size": [size * 8, size * 8], "bucket_size": [size * 8, size * 8],
+            "vae": vae, "source_size": [size * 8, size * 8], "bucket_size": [size * 8, size * 8],
             "frame_indices": list(range(pixel_frames)), "item_key": key, "nabla_resize": False,
         }  # fmt: skip
         write_latent_cache(latent_cache_path(cache, key, (size * 8, size * 8), 0, pixel_frames), latents, image, meta)

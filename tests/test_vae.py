@@ -58,7 +58,12 @@ def test_lone_file_falls_back_to_standard_config_and_fails_strictly(tiny_bundle,
 
 
 @pytest.mark.parametrize(
-    "name, match", [("missing.safetensors", "does not exist"), ("empty_dir", "needs config.json"), ("bad.pt", "cannot")]
+    "name, match",
+    [
+        ("missing.safetensors", "does not exist"),
+        ("empty_dir", "needs config.json"),
+        ("bad.pt", "damaged or not a PyTorch checkpoint"),
+    ],
 )
 def test_bad_paths_are_one_line_errors(tmp_path, name, match):
     target = tmp_path / name

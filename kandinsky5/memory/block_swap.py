@@ -7,8 +7,9 @@ block (fp8 weights and their ``scale_weight`` included), by reassigning ``.data`
 
 Block swap -- which blocks.  Blocks run in the order text 0..nt-1, visual 0..nv-1.  For N > 0 the *last* N + 2
 blocks in that order (visual blocks from the end; text blocks only when N + 2 > nv) are *streamed*: their master
-weights live in CPU memory (pinned with ``--use_pinned_memory_for_block_swap``) and at most 2 of them are on the
-GPU at any time (the one computing and the one being copied), so the GPU holds exactly N blocks fewer (streamed
+weights live in CPU memory (pinned on CUDA unless ``--no_pinned_memory_for_block_swap``: a ``non_blocking`` copy
+from pageable memory is synchronous, so it could not overlap compute) and at most 2 of them are on the GPU at any
+time (the one computing and the one being copied), so the GPU holds exactly N blocks fewer (streamed
 blocks all have one size unless text blocks are streamed).  Max N = blocks - 2 (Pro 62, Lite 32).  Streaming the
 tail puts the first copy behind all resident blocks' compute, and the last two blocks of a forward are the first
 two of the backward: a training step copies 2N blocks host-to-device, an inference forward N + 2, and nothing
@@ -47,9 +48,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from kandinsky5.common import get_logger
 from kandinsky5.memory_plan import STAGING, streamed_block_names
 
 __all__ = ["BlockSwapper", "enable_block_swap", "disable_block_swap", "get_swapper", "pin"]
+
+log = get_logger(__name__)
 
 _SWAPPER = "_k5_block_swapper"
 
@@ -63,9 +67,27 @@ def _named_tensors(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*block.named_parameters(), *block.named_buffers()]
 
 
+_PIN_FAILED: list[str] = []  # the first pinning failure of this process (warned about once)
+
+
 def pin(t: torch.Tensor, pinned: bool) -> torch.Tensor:
-    """A pinned copy of a CPU tensor when asked and CUDA exists (pinned memory needs a CUDA runtime)."""
-    return t.pin_memory() if pinned and torch.cuda.is_available() and not t.is_pinned() else t
+    """A pinned copy of a CPU tensor when asked and CUDA exists (pinned memory needs a CUDA runtime).
+
+    If the host cannot lock more memory, the tensor stays pageable and one warning says so (copies then no longer
+    overlap compute); later tensors are not retried.
+    """
+    if not pinned or _PIN_FAILED or not torch.cuda.is_available() or t.is_pinned():
+        return t
+    try:
+        return t.pin_memory()
+    except RuntimeError as exc:
+        _PIN_FAILED.append(str(exc).splitlines()[0])
+        log.warning(
+            "block swap: could not pin host memory (%s); the swapped blocks stay in pageable memory, so their "
+            "copies no longer overlap compute; free host RAM, or pass --no_pinned_memory_for_block_swap to silence "
+            "this", _PIN_FAILED[0],
+        )  # fmt: skip
+        return t
 
 
 @dataclass
@@ -123,11 +145,11 @@ class BlockSwapper:
     """Streams ``names`` (forward order) through 2 GPU slots; see the module docstring for the stream model."""
 
     def __init__(
-        self, dit: nn.Module, names: list[str], device, pinned: bool = False, simulate: bool = False, reuse=True
+        self, dit: nn.Module, names: list[str], device, pinned: bool = True, simulate: bool = False, reuse=True
     ):
         self.device = torch.device(device)
-        self.pinned, self.simulate, self.reuse = pinned, simulate, reuse
         self.cuda = self.device.type == "cuda"
+        self.pinned, self.simulate, self.reuse = pinned and self.cuda, simulate, reuse
         self.moves = self.cuda or simulate  # False: CPU run, schedule only
         self.slots = [_Slot(n, dit.get_submodule(n)) for n in names]
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -317,7 +339,7 @@ class BlockSwapper:
 
 
 def enable_block_swap(
-    dit: nn.Module, n: int, device, pinned: bool = False, simulate: bool = False, reuse: bool = True
+    dit: nn.Module, n: int, device, pinned: bool = True, simulate: bool = False, reuse: bool = True
 ) -> BlockSwapper | None:
     """Stream the last ``n + 2`` blocks (N fewer blocks on the GPU); returns the swapper (None for n = 0).
 

@@ -83,14 +83,14 @@ class MemoryConfig:
     fp8: bool = False  # --fp8_base / --fp8_scaled
     fp8_fast: bool = False  # --fp8_fast (needs fp8; CUDA sm_89+)
     blocks_to_swap: int = 0  # --blocks_to_swap
-    pinned: bool = False  # --use_pinned_memory_for_block_swap
+    pinned: bool = True  # block swap masters in pinned host memory on CUDA; --no_pinned_memory_for_block_swap
     gradient_checkpointing: bool = False  # --gradient_checkpointing (training)
     activation_cpu_offload: bool = False  # --gradient_checkpointing_cpu_offload (training; needs checkpointing)
     offload_during_sampling: bool = False  # --offload_dit_during_sampling
 
     def describe(self) -> str:
         fp8_txt = f"fp8 {'on' if self.fp8 else 'off'}" + (" (fast matmul)" if self.fp8_fast else "")
-        swap = f"block swap {self.blocks_to_swap}" + (" (pinned)" if self.pinned and self.blocks_to_swap else "")
+        swap = f"block swap {self.blocks_to_swap}" + (" (pageable)" if self.blocks_to_swap and not self.pinned else "")
         ckpt = "gradient checkpointing " + ("on" if self.gradient_checkpointing else "off")
         ckpt += " (+ CPU activation offload)" if self.activation_cpu_offload else ""
         off = "offload during sampling " + ("on" if self.offload_during_sampling else "off")
@@ -110,13 +110,14 @@ def memory_config_from_args(args) -> MemoryConfig:
         raise UserError(
             "--gradient_checkpointing_cpu_offload offloads the checkpointed activations; add --gradient_checkpointing"
         )
-    if args.use_pinned_memory_for_block_swap and not args.blocks_to_swap:
-        log.warning("--use_pinned_memory_for_block_swap has no effect without --blocks_to_swap N")
+    if args.use_pinned_memory_for_block_swap is not None and not args.blocks_to_swap:
+        flag = "use" if args.use_pinned_memory_for_block_swap else "no"
+        log.warning("--%s_pinned_memory_for_block_swap has no effect without --blocks_to_swap N", flag)
     return MemoryConfig(
         fp8=fp8_on,
         fp8_fast=bool(args.fp8_fast),
         blocks_to_swap=int(args.blocks_to_swap),
-        pinned=bool(args.use_pinned_memory_for_block_swap),
+        pinned=args.use_pinned_memory_for_block_swap is not False,
         gradient_checkpointing=ckpt,
         activation_cpu_offload=offload,
         offload_during_sampling=bool(args.offload_dit_during_sampling),
@@ -258,7 +259,7 @@ def _load_transform(quantize: set[str], streamed: list[str], device: torch.devic
     def place(t: torch.Tensor, key: str) -> torch.Tensor:
         to_cpu = bool(prefixes) and key.startswith(prefixes)
         t = t.to(cpu if to_cpu else device)
-        return pin(t, memory.pinned) if to_cpu else t
+        return pin(t, memory.pinned and device.type == "cuda") if to_cpu else t
 
     def fn(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         module, _, leaf = key.rpartition(".")
@@ -297,7 +298,11 @@ def build_dit(
     streamed = streamed_block_names(meta, memory.blocks_to_swap)
     plan = memory_plan(meta, dtype, memory.blocks_to_swap, stored=stored_dtypes(header))
     log.info("memory: %s", memory.describe())
-    log.info("memory plan for %s (weights, %s):\n%s", task.name, str(dtype).removeprefix("torch."), plan.table())
+    dtype_name = str(dtype).removeprefix("torch.")
+    if device.type == "cpu":
+        log.info("memory plan for %s (weights, %s): %s", task.name, dtype_name, plan.cpu_line())
+    else:
+        log.info("memory plan for %s (weights, %s):\n%s", task.name, dtype_name, plan.table())
     transform = _load_transform(quantize, streamed, device, dtype, memory)
     dit = load_dit(task, dit_path, device, dtype, attention, convert=convert, transform=transform)
     if streamed:

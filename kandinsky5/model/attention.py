@@ -25,7 +25,15 @@ import torch.nn.functional as F
 
 from kandinsky5.common import UserError, get_logger
 
-__all__ = ["DENSE_BACKENDS", "AttentionFn", "resolve_backend", "sdpa", "masked_sdpa", "backend_from_flags"]
+__all__ = [
+    "DENSE_BACKENDS",
+    "AttentionFn",
+    "resolve_backend",
+    "sdpa",
+    "masked_sdpa",
+    "backend_from_flags",
+    "check_backend_dtype",
+]
 
 log = get_logger(__name__)
 
@@ -37,15 +45,21 @@ class _Backend:
     module: str  # python module to import
     pip: str  # what to install
     note: str = ""
+    half_only: bool = False  # computes in fp16 / bf16 only (no fp32 kernels)
 
 
 _OPTIONAL = {
-    "flash_attn": _Backend("flash_attn", "pip install flash-attn --no-build-isolation"),
+    "flash_attn": _Backend("flash_attn", "pip install flash-attn --no-build-isolation", half_only=True),
     "flash3": _Backend(
-        "flash_attn_interface", "build FlashAttention 3 from the flash-attention repo (hopper/ directory)", "H100/H200"
+        "flash_attn_interface",
+        "build FlashAttention 3 from the flash-attention repo (hopper/ directory)",
+        "H100/H200",
+        half_only=True,
     ),
-    "sage_attn": _Backend("sageattention", "pip install sageattention", "quantises q/k to int8: not for parity runs"),
-    "xformers": _Backend("xformers.ops", "pip install xformers"),
+    "sage_attn": _Backend(
+        "sageattention", "pip install sageattention", "quantises q/k to int8: not for parity runs", half_only=True
+    ),
+    "xformers": _Backend("xformers.ops", "pip install xformers"),  # its CUTLASS kernels also run fp32
 }
 DENSE_BACKENDS = ("sdpa", *_OPTIONAL)
 
@@ -117,3 +131,18 @@ def backend_from_flags(**flags: bool) -> str:
     if name not in DENSE_BACKENDS:
         raise UserError(f"unknown attention backend {name!r}; choose one of: {', '.join(DENSE_BACKENDS)}")
     return name
+
+
+def check_backend_dtype(name: str, dtype: torch.dtype, source: str) -> None:
+    """UserError when backend ``name`` has no kernel for ``dtype`` (``source`` names the flag that set it).
+
+    FlashAttention 2/3 and SageAttention take fp16 / bf16 only: in fp32 they would fail at the first step, after the
+    models are loaded.  SDPA and xformers run fp32.
+    """
+    spec = _OPTIONAL.get(name)
+    if spec is None or not spec.half_only or dtype in (torch.float16, torch.bfloat16):
+        return
+    raise UserError(
+        f"--{name} computes in bfloat16/float16 only, but {source} runs the DiT in {str(dtype).removeprefix('torch.')}"
+        f"; use bf16 precision with --{name}, or --sdpa / --xformers for {str(dtype).removeprefix('torch.')}"
+    )

@@ -20,6 +20,12 @@ loop, no clamping spikes at the bounds, no linear squashing that changes the sha
 default and rejection-samples with ``--preserve_distribution_shape``; its ``sigma`` mode even inverts the range,
 defect #21).  ``timesteps_from_uniform`` exposes the same map for stratified (bucketed) uniforms.
 
+musubi's resolution-dependent modes (``flux_shift``, ``flux2_shift``, ``qwen_shift``, ``krea2_shift``,
+``ideogram4_shift``) take the batch's latent size ``latent_hw = (h, w)`` (all items of a bucketed batch share it);
+the ``qinglong_*`` mixtures draw a component per sample (weights re-normalised by each component's mass inside the
+range, so the result is the mixture conditioned on the range).  ``loss_weight`` gives musubi's SD3 loss weights
+(``--weighting_scheme sigma_sqrt`` / ``cosmap``).
+
 Sampling (``sampling_sigmas`` / ``euler_step`` / ``cfg_combine``)
 -----------------------------------------------------------------
 The official grid: ``u = linspace(1, 0, steps + 1)``, ``t = s*u / (1 + (s - 1)*u)`` with ``s = scheduler_scale``,
@@ -29,6 +35,7 @@ guidance ``v_u + w (v_c - v_u)`` with the unconditional pass skipped when ``|w -
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +48,8 @@ __all__ = [
     "TimestepConfig",
     "sample_timesteps",
     "timesteps_from_uniform",
+    "loss_weight",
+    "resolution_shift",
     "shift_time",
     "noisy_input",
     "velocity_target",
@@ -51,8 +60,23 @@ __all__ = [
     "needs_uncond",
 ]
 
-TIMESTEP_MODES = ("uniform", "sigmoid", "shift", "logsnr", "sigma")
-WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform")  # densities of the `sigma` mode (musubi --weighting_scheme)
+# musubi's resolution-dependent shift: mu linear in a token count, shift = exp(mu): (x1, y1, x2, y2, count)
+# where count "patches" = (h // 2) * (w // 2) of the latent, "latent" = h * w
+_SHIFT_LINES = {
+    "flux_shift": (256, 0.5, 4096, 1.15, "patches"),
+    "flux2_shift": (256, 0.5, 4096, 1.15, "latent"),
+    "qwen_shift": (256, 0.5, 8192, 0.9, "patches"),
+    "krea2_shift": (256, 0.5, 6400, 1.15, "patches"),
+}
+# musubi's qinglong mixtures: (weight, component mode, (logit_mean, logit_std) or None = the configured ones)
+_MIXTURES = {
+    "qinglong_flux": ((0.79, "flux_shift", None), (0.11, "logsnr", None), (0.10, "logsnr", (5.36, 1.0))),
+    "qinglong_qwen": ((0.95, "qwen_shift", None), (0.05, "logsnr", (5.36, 1.0))),
+}
+TIMESTEP_MODES = ("uniform", "sigmoid", "shift", "logsnr", "sigma", *_SHIFT_LINES, "ideogram4_shift", *_MIXTURES)
+RESOLUTION_MODES = (*_SHIFT_LINES, "ideogram4_shift", *_MIXTURES)  # need the batch's latent (h, w)
+LOSS_WEIGHTINGS = ("sigma_sqrt", "cosmap")  # musubi's SD3 loss weights; as a `sigma` density they mean uniform
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", *LOSS_WEIGHTINGS)  # musubi --weighting_scheme
 NUM_TRAIN_TIMESTEPS = 1000  # the 0..1000 scale of --min_timestep/--max_timestep and of the DiT's time input
 _MODE_SCALE_MAX = 1.0 / (math.pi / 2.0 - 1.0)  # beyond this the "mode" density map stops being monotone
 
@@ -71,8 +95,13 @@ class TimestepConfig:
         sigmoid(N(logit_mean, logit_std)); ``mode``: SD3's mode density with ``mode_scale``; ``uniform``), **no
         shift**, snapped up to the 1000-step grid {0.001, ..., 1.0} so the DiT sees integer times 1..1000 as in
         musubi (which indexes its descending schedule with u').
-    Resolution-dependent modes (musubi's flux_shift, qwen_shift, ...) are not offered: their shift is a function
-    of the latent size, which a per-batch sampler without image size cannot define.
+      * ``flux_shift``, ``flux2_shift``, ``qwen_shift``, ``krea2_shift``  mode ``shift`` with
+        ``shift = exp(mu)``, mu linear in the latent's token count (:func:`resolution_shift`), as musubi
+      * ``ideogram4_shift``  t = sigmoid(0.5 ln(16h * 16w / 512^2) + 1.5 z), clamped as musubi does
+      * ``qinglong_flux``  79 % flux_shift, 11 % logsnr(logit_mean, logit_std), 10 % logsnr(5.36, 1);
+        ``qinglong_qwen``  95 % qwen_shift, 5 % logsnr(5.36, 1)
+    ``weighting_scheme`` ``sigma_sqrt`` / ``cosmap`` weight the loss (:func:`loss_weight`, any mode) and draw the
+    ``sigma`` mode uniformly, as in musubi.
     """
 
     mode: str = "shift"
@@ -132,6 +161,25 @@ def _quantile_logsnr(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid((cfg.logit_std * _normal_ppf(u) - cfg.logit_mean) / 2)
 
 
+def resolution_shift(mode: str, latent_hw: tuple[int, int] | None) -> float:
+    """musubi's ``exp(mu)`` of a resolution-dependent mode for a latent of ``latent_hw`` = (h, w) (VAE units)."""
+    if latent_hw is None:
+        raise ValueError(f"timestep mode {mode!r} depends on the latent size: pass latent_hw=(h, w)")
+    x1, y1, x2, y2, count = _SHIFT_LINES[mode]
+    h, w = latent_hw
+    x = (h // 2) * (w // 2) if count == "patches" else h * w
+    return math.exp(y1 + (y2 - y1) / (x2 - x1) * (x - x1))
+
+
+def _quantile_ideogram4(u: torch.Tensor, latent_hw: tuple[int, int] | None) -> torch.Tensor:
+    if latent_hw is None:
+        raise ValueError("timestep mode 'ideogram4_shift' depends on the latent size: pass latent_hw=(h, w)")
+    h, w = latent_hw
+    mean = 0.5 * math.log(16 * h * 16 * w / (512 * 512))
+    t = torch.sigmoid(mean + 1.5 * _normal_ppf(u))
+    return t.clamp(1.0 / (1 + math.exp(7.5)), 1.0 - 1.0 / (1 + math.exp(9.0)))
+
+
 def _quantile_sigma_continuous(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
     """musubi's weighting-scheme densities (before snapping to the 1000-step grid).
 
@@ -155,13 +203,32 @@ _QUANTILES: dict[str, Callable[[TimestepConfig, torch.Tensor], torch.Tensor]] = 
 }
 
 
-def _inverse_quantile(cfg: TimestepConfig, t: float) -> float:
-    """u with Q(u) = t, by bisection in float64 (Q is monotone increasing, Q(0) = 0, Q(1) = 1)."""
-    quantile = _QUANTILES[cfg.mode]
+def _quantile(cfg: TimestepConfig, u: torch.Tensor, latent_hw: tuple[int, int] | None) -> torch.Tensor:
+    """Q(u) of a single (non-mixture) mode."""
+    if cfg.mode in _SHIFT_LINES:
+        return shift_time(_quantile_sigmoid(cfg, u), resolution_shift(cfg.mode, latent_hw))
+    if cfg.mode == "ideogram4_shift":
+        return _quantile_ideogram4(u, latent_hw)
+    return _QUANTILES[cfg.mode](cfg, u)
+
+
+def _components(cfg: TimestepConfig) -> list[tuple[float, TimestepConfig]]:
+    """(weight, single-mode config) of a mixture mode; ``[(1, cfg)]`` otherwise."""
+    if cfg.mode not in _MIXTURES:
+        return [(1.0, cfg)]
+    out = []
+    for weight, mode, params in _MIXTURES[cfg.mode]:
+        mean, std = params or (cfg.logit_mean, cfg.logit_std)
+        out.append((weight, dataclasses.replace(cfg, mode=mode, logit_mean=mean, logit_std=std)))
+    return out
+
+
+def _inverse_quantile(cfg: TimestepConfig, t: float, latent_hw: tuple[int, int] | None = None) -> float:
+    """u with Q(u) = t, by bisection in float64 (Q is monotone non-decreasing on [0, 1])."""
     lo, hi = 0.0, 1.0
     for _ in range(64):
         mid = 0.5 * (lo + hi)
-        if float(quantile(cfg, torch.tensor(mid, dtype=torch.float64))) < t:
+        if float(_quantile(cfg, torch.tensor(mid, dtype=torch.float64), latent_hw)) < t:
             lo = mid
         else:
             hi = mid
@@ -176,17 +243,41 @@ def _snap_to_grid(cfg: TimestepConfig, t: torch.Tensor) -> torch.Tensor:
     return k / NUM_TRAIN_TIMESTEPS
 
 
-def timesteps_from_uniform(cfg: TimestepConfig, u: torch.Tensor) -> torch.Tensor:
+def _u_range(cfg: TimestepConfig, latent_hw: tuple[int, int] | None) -> tuple[float, float]:
+    """``[Q^-1(min/1000), Q^-1(max/1000)]`` of a single mode."""
+    lo, hi = cfg.min_timestep / NUM_TRAIN_TIMESTEPS, cfg.max_timestep / NUM_TRAIN_TIMESTEPS
+    u_lo = _inverse_quantile(cfg, lo, latent_hw) if lo > 0 else 0.0
+    u_hi = _inverse_quantile(cfg, hi, latent_hw) if hi < 1 else 1.0
+    return u_lo, u_hi
+
+
+def timesteps_from_uniform(
+    cfg: TimestepConfig,
+    u: torch.Tensor,
+    latent_hw: tuple[int, int] | None = None,
+    pick: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Map uniforms u in [0, 1] (e.g. stratified buckets) to timesteps of ``cfg`` inside its min/max range.
 
     u is first squeezed into ``[Q^-1(min/1000), Q^-1(max/1000)]``; computation is float64, result float32.
+    ``latent_hw``: the latent (h, w) for the resolution-dependent modes.  ``pick``: uniforms choosing the component
+    of a mixture mode (components weighted by their mass inside the range).
     """
-    lo = cfg.min_timestep / NUM_TRAIN_TIMESTEPS
-    hi = cfg.max_timestep / NUM_TRAIN_TIMESTEPS
-    u_lo = _inverse_quantile(cfg, lo) if lo > 0 else 0.0
-    u_hi = _inverse_quantile(cfg, hi) if hi < 1 else 1.0
-    u = u_lo + (u_hi - u_lo) * u.to(torch.float64)
-    t = _QUANTILES[cfg.mode](cfg, u).clamp(lo, hi)  # clamp only removes bisection round-off (~1e-16)
+    lo, hi = cfg.min_timestep / NUM_TRAIN_TIMESTEPS, cfg.max_timestep / NUM_TRAIN_TIMESTEPS
+    parts = [(weight, part, _u_range(part, latent_hw)) for weight, part in _components(cfg)]
+    u = u.to(torch.float64)
+    which = torch.zeros(u.shape, dtype=torch.long, device=u.device)
+    if len(parts) > 1:
+        if pick is None:
+            raise ValueError(f"timestep mode {cfg.mode!r} is a mixture: pass pick (uniforms choosing a component)")
+        mass = torch.tensor([w * (b - a) for w, _, (a, b) in parts], dtype=torch.float64, device=u.device)
+        edges = torch.cumsum(mass / mass.sum(), 0)
+        which = torch.searchsorted(edges, pick.to(torch.float64), right=True).clamp(max=len(parts) - 1)
+    t = torch.empty_like(u)
+    for k, (_, part, (a, b)) in enumerate(parts):
+        sel = which == k
+        t[sel] = _quantile(part, a + (b - a) * u[sel], latent_hw)
+    t = t.clamp(lo, hi)  # clamp only removes bisection round-off (~1e-16)
     if cfg.mode == "sigma":
         t = _snap_to_grid(cfg, t)
     return t.float()
@@ -197,14 +288,31 @@ def sample_timesteps(
     batch_size: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    latent_hw: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Draw ``batch_size`` training times t (B,) float32 in ``[min_timestep/1000, max_timestep/1000]``.
 
     The uniforms are drawn on the generator's device (CPU by default) so a seed gives the same t everywhere.
+    ``latent_hw`` = the batch's latent (h, w), needed by the resolution-dependent modes.
     """
     gen_device = generator.device if generator is not None else "cpu"
     u = torch.rand(batch_size, generator=generator, device=gen_device, dtype=torch.float64)
-    return timesteps_from_uniform(cfg, u).to(device or gen_device)
+    pick = None
+    if cfg.mode in _MIXTURES:
+        pick = torch.rand(batch_size, generator=generator, device=gen_device, dtype=torch.float64)
+    return timesteps_from_uniform(cfg, u, latent_hw, pick).to(device or gen_device)
+
+
+def loss_weight(cfg: TimestepConfig, t: torch.Tensor) -> torch.Tensor | None:
+    """musubi's SD3 loss weight per sample (B,) fp32 for ``weighting_scheme`` ``sigma_sqrt`` (1 / sigma^2) or
+    ``cosmap`` (2 / (pi (1 - 2 sigma + 2 sigma^2))), sigma = t (at least 1/1000, musubi's smallest grid value);
+    None (no weighting) for the other schemes."""
+    if cfg.weighting_scheme not in LOSS_WEIGHTINGS:
+        return None
+    sigma = t.float().clamp_min(1.0 / NUM_TRAIN_TIMESTEPS)
+    if cfg.weighting_scheme == "sigma_sqrt":
+        return sigma**-2.0
+    return 2.0 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
 
 
 # ----------------------------------------------------------------------------------------------------------------

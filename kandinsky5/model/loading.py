@@ -20,16 +20,15 @@ each tensor alone, so quantising while streaming never holds more than one high-
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
+from kandinsky5.files import open_safetensors, read_safetensors_header
 from kandinsky5.memory.dtype_policy import FP32_PARAMS, load_dtype, param_dtype
 from kandinsky5.model.dit import AttentionSpec, DiT
 
@@ -38,6 +37,7 @@ __all__ = [
     "param_dtype",
     "checkpoint_files",
     "read_header",
+    "checkpoint_metadata",
     "file_fingerprint",
     "FP32_PARAMS",
     "LoadTransform",
@@ -82,20 +82,18 @@ def _strip(key: str) -> str:
     return key
 
 
-def read_header(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Path]]:
-    """key -> (shape, safetensors dtype string, file), reading only the JSON headers."""
+def read_header(files: list[Path], what: str = "--dit") -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """key -> (shape, safetensors dtype string, file), reading only the (validated) JSON headers."""
     out: dict[str, tuple[tuple[int, ...], str, Path]] = {}
     for file in files:
-        with open(file, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            try:
-                header = json.loads(fh.read(size))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise UserError(f"{file} is not a valid safetensors file (corrupt header)") from None
-        for key, info in header.items():
-            if key != "__metadata__":
-                out[_strip(key)] = (tuple(info["shape"]), info["dtype"], file)
+        for key, info in read_safetensors_header(file, what).tensors.items():
+            out[_strip(key)] = (info.shape, info.dtype, file)
     return out
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a DiT checkpoint (first shard), e.g. ``k5_task`` in files written by this tool."""
+    return read_safetensors_header(checkpoint_files(path)[0], "--dit").metadata
 
 
 def _check_fit(task: TaskConfig, expected: dict[str, tuple[int, ...]], found: dict, name: str) -> None:
@@ -121,7 +119,7 @@ def _check_fit(task: TaskConfig, expected: dict[str, tuple[int, ...]], found: di
 def iter_tensors(files: list[Path], keys: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (stripped key, CPU tensor) one at a time from memory-mapped files."""
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file, "--dit") as f:
             for raw in f.keys():
                 key = _strip(raw)
                 if key in keys:

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from kandinsky5.common import UserError, get_logger, parse_dtype
+from kandinsky5.common import UserError, get_logger, parse_dtype, quiet_hf_progress
+from kandinsky5.files import read_safetensors_header
 
 __all__ = ["QWEN_TEMPLATES", "REAL_CROP_START", "TextEmbeds", "TextEncoder"]
 
@@ -175,6 +176,8 @@ def _check_local_dir(path: str, what: str, model_types: tuple[str, ...]) -> None
         raise UserError(
             f"{what}: {config} says model_type={model_type!r}, expected {' or '.join(model_types)}; wrong directory?"
         )
+    for weights in sorted(root.glob("*.safetensors")):  # a truncated shard is one line now, not a loader traceback
+        read_safetensors_header(weights, what)
 
 
 def _resolve(path: str, what: str, model_types: tuple[str, ...]) -> None:
@@ -185,6 +188,7 @@ def _resolve(path: str, what: str, model_types: tuple[str, ...]) -> None:
 
 def _from_pretrained(loader, name: str, what: str, **kwargs):
     """``loader(name)`` with every loading failure turned into one readable line."""
+    quiet_hf_progress()  # no "Loading weights" bar per model (the hub's download bars stay)
     try:
         return loader(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:

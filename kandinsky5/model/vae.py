@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from pathlib import Path
 
 import torch
 
 from kandinsky5.common import UserError, parse_dtype
+from kandinsky5.files import load_safetensors, load_torch, read_safetensors_header
 
-__all__ = ["SCALING_FACTOR", "VideoVAE"]
+__all__ = ["SCALING_FACTOR", "VideoVAE", "vae_file_identity"]
 
 SCALING_FACTOR = 0.476986
 LATENT_CHANNELS = 16
@@ -62,11 +62,7 @@ def _read_config(config_path: Path) -> dict:
 
 def _read_pt(path: Path) -> dict[str, torch.Tensor]:
     """Original checkpoint: unwrap ``state_dict`` and strip a ``vae.`` prefix."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"VAE: cannot read {path} as a weights-only torch checkpoint: {first[:200]}") from None
+    state = load_torch(path, "--vae")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -74,11 +70,7 @@ def _read_pt(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("vae."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _read_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, state dict) from a diffusers dir, a safetensors file or an original .pt file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _weights_file(path: Path) -> Path:
     if path.is_dir():
         weights = path / _WEIGHTS_NAME
         if not (path / "config.json").is_file() or not weights.is_file():
@@ -86,13 +78,27 @@ def _read_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         path = weights
     if not path.is_file():
         raise UserError(f"VAE: {path} does not exist; pass a diffusers VAE dir, a .safetensors or a .pt file")
+    return path
+
+
+def _read_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, state dict) from a diffusers dir, a safetensors file or an original .pt file."""
+    path = _weights_file(path)
     config = _read_config(path.parent / "config.json")
     if path.suffix in _PT_SUFFIXES:
         return config, _read_pt(path)
-    try:
-        return config, load_file(path)
-    except (OSError, SafetensorError) as exc:
-        raise UserError(f"VAE: cannot read {path} as safetensors: {exc}") from None
+    return config, load_safetensors(path, "--vae")[0]
+
+
+def vae_file_identity(path: str | Path) -> str:
+    """``VideoVAE.identity`` of the weights at ``path`` without building the model (safetensors: header only)."""
+    source = Path(path)
+    weights = _weights_file(source)
+    config = _read_config(weights.parent / "config.json")
+    if weights.suffix in _PT_SUFFIXES:
+        return _identity(source, config, _read_pt(weights))
+    shapes = read_safetensors_header(weights, "--vae").shapes()
+    return _identity(source, config, {k: torch.empty(v, device="meta") for k, v in shapes.items()})
 
 
 def _check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -53,7 +53,7 @@ from kandinsky5.memory.dtype_policy import FP8_DTYPE, FP32_PARAMS
 from kandinsky5.model import flow
 from kandinsky5.model.text_encoders import TextEmbeds, TextEncoder
 from kandinsky5.model.vae import VideoVAE
-from kandinsky5.sampling.prompts import PromptLine
+from kandinsky5.sampling.prompts import PromptLine, describe_frames, musubi_frames_hint
 from kandinsky5.sampling.video_io import image_to_tensor, load_image, to_uint8_frames
 
 __all__ = [
@@ -350,6 +350,17 @@ def request_from_line(task: TaskConfig, line: PromptLine, **defaults) -> Generat
     line's own ``--w --h --f --d --s --g --n --i --l``.  Keys: the ``SamplingSpec`` fields except ``rope_scale``,
     plus ``negative_prompt``, ``image``, ``image_last``, ``fps``, ``extra_metadata``.  The trainer's sampling and
     the generate script both build their requests here."""
+    try:
+        r = _request_from_line(task, line, defaults)
+    except UserError as exc:  # prompt-file errors name file:line (and musubi's latent-frame count, if it may be one)
+        hint = f"; note: {musubi_frames_hint(line.frames)}" if "--frames" in str(exc) and line.frames else ""
+        raise UserError(f"{line.source}: {exc}{hint}" if line.source else str(exc)) from None
+    log.info("%s: %s, %dx%d, %d steps, guidance %g, seed %d", line.source or "prompt", describe_frames(r.spec.frames),
+             r.spec.width, r.spec.height, r.spec.steps, r.spec.guidance, r.spec.seed)  # fmt: skip
+    return r
+
+
+def _request_from_line(task: TaskConfig, line: PromptLine, defaults: dict) -> GenerationRequest:
     values = {k: v for k, v in defaults.items() if v is not None}
     values.update(line.overrides())
     image = values.pop("image", None)
@@ -412,9 +423,11 @@ class Kandinsky5Pipeline:
         dtype: torch.dtype = torch.bfloat16,
         qwen_4bit: bool = False,
         vae_tiling: bool = False,
+        vae_dtype: torch.dtype | None = None,
     ):
         self.task = task
         self.device, self.dtype = torch.device(device), dtype
+        self.vae_dtype = vae_dtype or dtype
         self._paths = {"qwen": text_encoder_qwen, "clip": text_encoder_clip, "vae": vae_path}
         self._qwen_4bit, self._vae_tiling = qwen_4bit, vae_tiling
         self.text_encoder: TextEncoder | None = None
@@ -468,8 +481,8 @@ class Kandinsky5Pipeline:
         if self.vae is None:
             if not self._paths["vae"]:
                 raise UserError("--vae is required (image conditioning and decoding use it)")
-            log.info("loading VAE %s on %s (%s)", self._paths["vae"], self.device, self.dtype)
-            self.vae = VideoVAE.load(self._paths["vae"], self.device, self.dtype, tiling=self._vae_tiling)
+            log.info("loading VAE %s on %s (%s)", self._paths["vae"], self.device, self.vae_dtype)
+            self.vae = VideoVAE.load(self._paths["vae"], self.device, self.vae_dtype, tiling=self._vae_tiling)
         return self.vae
 
     def encode_image(self, path: str | Path, width: int, height: int, crop: bool, what: str) -> torch.Tensor:

@@ -18,7 +18,8 @@ png each key becomes a ``tEXt``/``iTXt`` chunk, plus ``parameters`` with the sam
 ``read_image`` return the dict again.
 
 Nothing is ever overwritten unless ``overwrite=True``: an existing file is a one-line ``UserError``.  Files are
-written to a temporary name and renamed, so an interrupted run never leaves a half-written output.
+written to a temporary name and renamed, so an interrupted run never leaves a half-written output, and a failed
+write (disk full, read-only) is one ``WriteError`` line (``kandinsky5.files.guarded_write``).
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kandinsky5.common import UserError, atomic_path
+from kandinsky5.common import UserError
+from kandinsky5.files import guarded_write
 
 __all__ = [
     "VIDEO_SUFFIXES",
     "IMAGE_SUFFIXES",
     "to_uint8_frames",
     "check_writable",
+    "estimate_bytes",
     "write_video",
     "write_image",
     "read_video",
@@ -71,6 +74,13 @@ def check_writable(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def estimate_bytes(path: str | Path, frames: int, width: int, height: int) -> int:
+    """Generous size estimate of an output file, for the free-space check: raw RGB for a .png, a tenth of the raw
+    frames for an h264 .mp4 (crf 17 of generated video typically compresses 20-100x)."""
+    raw = frames * width * height * 3
+    return raw if Path(path).suffix.lower() in IMAGE_SUFFIXES else raw // 10 + (64 << 10)
+
+
 def _str_metadata(metadata: Mapping[str, object] | None) -> dict[str, str]:
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
 
@@ -89,7 +99,7 @@ def write_video(
     path = check_writable(path, overwrite)
     _check_frames(frames)
     meta = _str_metadata(metadata)
-    with atomic_path(path) as tmp:
+    with guarded_write(path, "output") as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
             container.metadata[_JSON_KEY] = json.dumps(meta, ensure_ascii=False)
             if "prompt" in meta:
@@ -133,7 +143,7 @@ def write_image(
     for key, value in meta.items():
         info.add_itxt(key, value)
     info.add_itxt(_PNG_JSON_KEY, json.dumps(meta, ensure_ascii=False))
-    with atomic_path(path) as tmp:
+    with guarded_write(path, "output") as tmp:
         Image.fromarray(frame).save(tmp, format="PNG", pnginfo=info)
     return path
 

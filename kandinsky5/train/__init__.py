@@ -2,5 +2,6 @@
 
 ``config`` (TrainConfig), ``distributed`` (process group), ``objective`` (flow-matching loss), ``step`` (optimizer
 step), ``run`` (run state, checkpoints, resume), ``state`` (state directories, RNG), ``optim`` (optimizers and
-schedules), ``sampler`` (sampling during training).
+schedules), ``sampler`` (sampling during training), ``validation`` (validation loss), ``monitor`` (bar, epoch lines,
+history, summary), ``tracker`` (TensorBoard / wandb), ``report`` (loss.png, contact sheets).
 """

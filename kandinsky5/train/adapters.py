@@ -10,7 +10,6 @@ never imports ``networks`` -- through ``create_network``, ``create_network_from_
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -154,25 +153,25 @@ def merge_base_weights(cfg: TrainConfig, dit, module: ModuleType) -> None:
         log.info("merged --base_weights %s (multiplier %s) into the DiT: %s", path, mult, net.summary())
 
 
+def network_from_file(module: ModuleType, path: Path, dit) -> torch.nn.Module:
+    """``--dim_from_weights``: a trainable network holding every module of the ``--network_weights`` file."""
+    return _from_file(module, _read(module, path, "--network_weights"), dit, 1.0, False, "--network_weights")
+
+
 def build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
     """Import --network_module, merge --base_weights, create (or load) the network and apply it to ``dit``."""
+    from kandinsky5.train import prechecks
+
     n = cfg.network
-    try:
-        module = importlib.import_module(n.module)
-    except ImportError as exc:
-        raise UserError(f"--network_module {n.module}: cannot import it ({exc})") from None
+    module = prechecks.import_network_module(n.module)
     merge_base_weights(cfg, dit, module)
     if n.dim_from_weights:
-        network = _from_file(module, _read(module, n.weights, "--network_weights"), dit, 1.0, False,
-                             "--network_weights")  # fmt: skip
+        network = network_from_file(module, n.weights, dit)
         for adapter in network.lora_modules:
             adapter.dropout = n.dropout or 0.0
         log.info("network built from %s (--dim_from_weights)", n.weights)
     else:
-        try:
-            network = module.create_network(1.0, n.dim, n.alpha, dit, dict(n.args), neuron_dropout=n.dropout)
-        except ValueError as exc:
-            raise UserError(f"network ({n.module}, --network_args): {exc}") from None
+        network = prechecks.create_network(module, n, dit)
         if n.weights is not None:
             adapter = _read(module, n.weights, "--network_weights")
             try:

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kandinsky5.common import get_logger
+from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.model import flow
 from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig
+from kandinsky5.train.tracker import TrackerConfig
 
 if TYPE_CHECKING:
     from kandinsky5.memory.build import MemoryConfig
@@ -48,10 +49,23 @@ class SaveConfig:
     every_n_epochs: int | None = None
     every_n_steps: int | None = None
     last_n_epochs: int | None = None  # keep only the newest N epoch checkpoints (and their states)
-    last_n_steps: int | None = None  # keep only the newest N step checkpoints (and their states)
+    last_n_steps: int | None = None  # keep the step checkpoints of the last N steps (and their states), as musubi
     save_state: bool = False  # write a resumable state directory with every checkpoint and at the end
     format: str | None = None  # None: diffusers for LoRA, comfyui for LoHa / LoKr
     precision: torch.dtype | None = None  # --save_precision (None: the training dtype, fp32)
+    last_n_epochs_state: int | None = None  # states rotate apart from the LoRA files (default: as last_n_epochs)
+    last_n_steps_state: int | None = None  # (default: as last_n_steps)
+    state_on_train_end: bool = False  # a state directory at the end even without save_state
+
+    def kept(self, kind: str, state: bool) -> int | None:
+        """How many of the newest ``kind`` ("step" / "epoch") saves rotation keeps (None: all), as musubi:
+        ``--save_last_n_epochs`` counts epoch saves; ``--save_last_n_steps`` N is a window of steps, the saves at most
+        N steps older than the newest, i.e. N // save_every_n_steps + 1 of them.  ``state``: the state dirs, which
+        follow ``--save_last_n_*_state`` when given."""
+        if kind == "epoch":
+            return (self.last_n_epochs_state if state else None) or self.last_n_epochs
+        n = (self.last_n_steps_state if state else None) or self.last_n_steps
+        return None if n is None or not self.every_n_steps else n // self.every_n_steps + 1
 
 
 @dataclass(frozen=True)
@@ -80,10 +94,33 @@ class SampleConfig:
     text_encoder_qwen: str | None = None
     text_encoder_clip: str | None = None
     vae: str | None = None
+    vae_dtype: torch.dtype | None = None  # --vae_dtype (default: the DiT weight dtype)
 
     @property
     def enabled(self) -> bool:
         return self.prompts is not None
+
+
+VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The validation loss (``kandinsky5.train.validation``): which items, when, at which t, with which noise."""
+
+    split: float = 0.0  # --validation_split: fraction of the items held out by item-key hash
+    every_n_steps: int | None = None  # --validate_every_n_steps
+    every_n_epochs: int | None = None  # --validate_every_n_epochs
+    timesteps: tuple[float, ...] = VALIDATION_TIMESTEPS  # --validation_timesteps (flow time, 1 = noise)
+    seed: int = 0  # --validation_seed: the noise of an item is a function of (seed, item) only
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.split < 1.0:
+            raise UserError(f"--validation_split must be in [0, 1), got {self.split}")
+        if not self.timesteps or any(not 0.0 < t <= 1.0 for t in self.timesteps):
+            raise UserError(f"--validation_timesteps must be values in (0, 1], got {list(self.timesteps)}")
+        if len(set(self.timesteps)) != len(self.timesteps):
+            raise UserError(f"--validation_timesteps has repeated values: {list(self.timesteps)}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +148,13 @@ class TrainConfig:
     num_workers: int = 1
     persistent_workers: bool = False
     resume: Path | None = None
-    logging_dir: Path | None = None
+    overwrite: bool = False  # --overwrite: an earlier run's files in --output_dir may be replaced
+    allow_stale_cache: bool = False  # --allow_stale_cache: caches made with other settings only warn
+    tracking: TrackerConfig = field(default_factory=TrackerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    cuda_allow_tf32: bool = False  # --cuda_allow_tf32: TF32 matmuls and convolutions
+    cudnn_benchmark: bool = False  # --cuda_cudnn_benchmark
+    scale_weight_norms: float | None = None  # --scale_weight_norms: max-norm of each LoRA delta (train/regularize)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
 
     @property
@@ -123,8 +166,8 @@ class TrainConfig:
         return self.mixed_precision in ("bf16", "fp16")
 
     def total_steps(self, steps_per_epoch: int) -> int:
-        """Optimizer steps of the run: epochs x steps/epoch, --max_train_steps, the smaller if both; default 1600."""
-        limits = [n for n in (self.max_train_steps,) if n]
+        """Optimizer steps of the run: --max_train_epochs x steps/epoch when given (it wins over --max_train_steps,
+        as in musubi), else --max_train_steps, else 1600."""
         if self.max_train_epochs:
-            limits.append(self.max_train_epochs * steps_per_epoch)
-        return min(limits) if limits else 1600
+            return self.max_train_epochs * steps_per_epoch
+        return self.max_train_steps or 1600

@@ -3,7 +3,8 @@
     x_t    = (1 - t) * x0 + t * eps                  flow.noisy_input
     target = eps - x0                                flow.velocity_target
     v      = DiT([x_t | cond | mask], text, 1000 * t)
-    loss   = mean over unconditioned frames of (v - target)^2, in fp32
+    loss   = mean over unconditioned frames of w * (v - target)^2, in fp32    (w = 1, or musubi's per-sample
+                                                                             sigma_sqrt / cosmap weight)
 
 Layouts: latents ``x0``, ``eps``, ``x_t``, ``v`` are ``(B, T, h, w, 16)`` channels-last; the DiT input is
 ``(B, T, h, w, 33)`` = noisy latents | 16 cond channels | 1 mask channel; ``t`` is ``(B,)``; text is ``(B, L, D)`` with
@@ -90,9 +91,18 @@ def dit_input(
     return pipeline.dit_input(x_in, first=True, last=last is not None), weight
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, frame_weight: torch.Tensor | None) -> torch.Tensor:
-    """Mean of (pred - target)^2 in fp32 over the frames whose weight is 1 (all frames when None)."""
+def masked_mse(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    frame_weight: torch.Tensor | None,
+    sample_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean of (pred - target)^2 in fp32 over the frames whose weight is 1 (all frames when None); with
+    ``sample_weight`` (B,) each sample's squared errors are multiplied by its weight first (musubi's loss weighting:
+    the mean of w * err, with the same denominator)."""
     err = (pred.float() - target.float()).square()
+    if sample_weight is not None:
+        err = err * sample_weight.float().view(-1, *([1] * (err.ndim - 1)))
     if frame_weight is None:
         return err.mean()
     w = frame_weight.view(*frame_weight.shape, 1, 1, 1)
@@ -107,11 +117,13 @@ def flow_matching_loss(
     noise: torch.Tensor,
     rope_scale: Sequence[float],
     i2v_mode: str = "first",
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The rectified-flow loss of one batch (see the module docstring); ``t`` (B,), ``noise`` like the latents."""
+    """The rectified-flow loss of one batch (see the module docstring); ``t`` (B,), ``noise`` like the latents,
+    ``sample_weight`` (B,) or None (``flow.loss_weight``)."""
     x0 = batch.latents
     x_t = flow.noisy_input(x0, noise, t)  # (1 - t) x0 + t eps
     target = flow.velocity_target(x0, noise)  # eps - x0
     x_in, frame_weight = dit_input(x_t, batch.latents_image, i2v_mode)
     v = dit(x_in, batch.text_embeds, batch.text_mask, batch.pooled, flow.dit_time(t), scale_factor=tuple(rope_scale))
-    return masked_mse(v, target, frame_weight)
+    return masked_mse(v, target, frame_weight, sample_weight)

@@ -14,14 +14,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kandinsky5.common import UserError, get_logger
+from kandinsky5.files import WriteError, guarded_write
 from kandinsky5.train.config import TrainConfig
-from kandinsky5.train.distributed import DistContext, gather_rng
-from kandinsky5.train.optim import optimizer_name
+from kandinsky5.train.distributed import DistContext, broadcast_object, gather_rng
+from kandinsky5.train.optim import optimizer_class_name, optimizer_name
 from kandinsky5.train.sampler import TrainingSampler
 from kandinsky5.train.state import (
     Progress,
@@ -58,6 +59,8 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     last_checkpoint: Path | None = None
     sampler: TrainingSampler | None = None
+    validator: Any = None  # kandinsky5.train.validation.Validator, None without validation items
+    monitor: Any = None  # kandinsky5.train.monitor.Monitor: console, trackers, history (saved in the state)
     started_at: float = field(default_factory=time.time)
     datasets: list | None = None  # ss_datasets summary (dataset.summary)
     base_sha256: str | None = None  # full sha256 of the base checkpoint (None with --no_metadata)
@@ -93,7 +96,20 @@ def resume_run(run: Run, path: Path) -> None:
     restore_rng(rng[run.ctx.rank], run.generator)
     run.seed, run.last_checkpoint = meta["seed"], path
     run.progress = Progress(meta["step"], meta["epoch"], meta["batches_in_epoch"])
+    if run.monitor is not None:
+        run.monitor.restore(path, run.progress.step)  # curves, moving average, run folder
     log.info("resumed from %s at step %d (epoch %d, batch %d)", path, *asdict(run.progress).values())
+
+
+def state_info(run: Run, lora: Path) -> dict[str, object]:
+    """What ``progress.json`` records besides the progress: enough to check a ``--resume`` before loading."""
+    cfg, n = run.cfg, run.cfg.network
+    return {
+        "seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": lora.name,
+        "optimizer": optimizer_name(cfg.optimizer), "optimizer_class": optimizer_class_name(cfg.optimizer),
+        "mixed_precision": cfg.mixed_precision, "network_module": n.module, "network_dim": n.dim,
+        "network_alpha": n.alpha, "network_args": {k: repr(v) for k, v in dict(n.args).items()},
+    }  # fmt: skip
 
 
 def lora_metadata(run: Run) -> dict[str, object]:
@@ -126,27 +142,51 @@ def lora_metadata(run: Run) -> dict[str, object]:
 
 
 def save_checkpoint(run: Run, stem: str, state: bool) -> None:
-    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather."""
+    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather.
+
+    The LoRA file and its state directory are written completely under temporary names before either is renamed,
+    so a failed save (disk full, ...) leaves both as they were, and they always come from the same step.  A failure
+    stops every rank with one line naming the last good checkpoint.
+    """
     cfg = run.cfg
     rng = gather_rng(run.ctx, run.generator) if state else []
+    error = None
     if run.ctx.is_main:
-        path = cfg.save.output_dir / f"{stem}.safetensors"
-        run.module.save_lora(path, run.network, lora_metadata(run), format=cfg.save.format, dtype=cfg.save.precision)
-        run.last_checkpoint = path
-        if state:
-            info = {"seed": run.seed, "world_size": run.ctx.world_size, "task": cfg.task.name, "lora": path.name}
-            writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, info)
-            run.last_checkpoint = write_state_dir(cfg.save.output_dir / f"{stem}-state", writers)
-        log.info("saved %s%s", path, " (+ state)" if state else "")
+        try:
+            _write_checkpoint(run, cfg.save.output_dir / f"{stem}.safetensors", state, rng)
+        except WriteError as exc:
+            what = f"{stem}.safetensors" + (f" and {stem}-state" if state else "")
+            error = (
+                f"cannot save {what} in {cfg.save.output_dir}: {exc.reason}; nothing was replaced, last good "
+                f"checkpoint: {run.last_checkpoint or 'none written yet'} (free space, then --resume a state)"
+            )
+    error = broadcast_object(run.ctx, error) if run.ctx.distributed else error
+    if error is not None:
+        raise UserError(error)
     run.ctx.barrier()
 
 
+def _write_checkpoint(run: Run, path: Path, state: bool, rng: list[dict]) -> None:
+    cfg = run.cfg
+    with guarded_write(path, "LoRA") as tmp:  # renamed only after the state directory is complete
+        run.module.save_lora(tmp, run.network, lora_metadata(run), format=cfg.save.format, dtype=cfg.save.precision)
+        if run.monitor is not None:
+            run.monitor.on_save(run.progress.step, path)  # recorded in the history (saved in the state); loss.png
+        if state:
+            writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, state_info(run, path))
+            if run.monitor is not None:
+                writers.update(run.monitor.state_files())
+            state_dir = write_state_dir(path.with_name(f"{path.stem}-state"), writers)
+    run.last_checkpoint = state_dir if state else path
+    log.info("saved %s%s", path, " (+ state)" if state else "")
+
+
 def save_and_rotate(run: Run, kind: str, number: int) -> None:
-    """A step or epoch checkpoint, then deletion of the older ones beyond --save_last_n_steps/epochs."""
+    """A step or epoch checkpoint, then deletion of the older LoRA files and state dirs (``SaveConfig.kept``)."""
     s = run.cfg.save
-    stem, keep = (f"-step{number:08d}", s.last_n_steps) if kind == "step" else (f"-{number:06d}", s.last_n_epochs)
+    stem = f"-step{number:08d}" if kind == "step" else f"-{number:06d}"
     save_checkpoint(run, s.output_name + stem, s.save_state)
-    if keep and run.ctx.is_main:
-        numbered = r"-step(\d+)" if kind == "step" else r"-(\d{6})"
-        pattern = f"{re.escape(s.output_name)}{numbered}(?:\\.safetensors|-state)"
-        rotate(s.output_dir, pattern, keep, number)
+    numbered = r"-step(\d+)" if kind == "step" else r"-(\d{6})"
+    for suffix, keep in ((r"\.safetensors", s.kept(kind, False)), ("-state", s.kept(kind, True))):
+        if keep and run.ctx.is_main:
+            rotate(s.output_dir, f"{re.escape(s.output_name)}{numbered}{suffix}", keep, number)

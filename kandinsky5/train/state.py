@@ -8,7 +8,9 @@ A state *directory* is created under a temporary name and renamed when complete
     optimizer.pt          optimizer.state_dict()
     scheduler.pt          LR scheduler state_dict()
     rng.pt                per rank: python / numpy / torch CPU / CUDA RNG states + the noise generator's state
-    progress.json         format, step, epoch, batches done in the epoch, seed, world size, task, LoRA file name
+    progress.json         format, step, epoch, batches done in the epoch, seed, world size, task, LoRA file name,
+                          and what ``--resume`` must match: mixed precision, optimizer class, network module,
+                          dim, alpha and args (``kandinsky5.train.startup.check_resume``); written last
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ import numpy as np
 import torch
 
 from kandinsky5.common import UserError, get_logger
+from kandinsky5.files import (
+    WriteError,
+    load_safetensors,
+    load_torch,
+    read_json,
+    save_safetensors,
+    save_torch,
+    write_reason,
+    write_text,
+)
 
 log = get_logger(__name__)
 
@@ -75,21 +87,25 @@ def _to_tuple(value):
 def write_state_dir(path: Path, writers: Mapping[str, Callable[[Path], None]]) -> Path:
     """Create directory ``path`` atomically: each ``writers[name](file)`` writes into a temp dir, then renames.
 
-    An existing ``path`` is replaced only after the new one is complete.
+    An existing ``path`` is replaced only after the new one is complete; a failed write (disk full ...) is a
+    ``WriteError`` line and leaves the old directory as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         for name, write in writers.items():
             write(tmp / name)
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        reason = write_reason(exc, path.parent)
+        raise WriteError(f"cannot write the state directory {path}: {reason}", reason) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -104,37 +120,43 @@ def state_writers(
     info: Mapping[str, Any],
 ) -> dict[str, Callable[[Path], None]]:
     """What a state directory holds (see ``read_state_dir``)."""
-    from safetensors.torch import save_file
-
     lora = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     meta = {"format": STATE_FORMAT, **progress.to_json(), **info}
     return {
-        "network.safetensors": lambda p: save_file(lora, str(p)),
-        "optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p),
-        "scheduler.pt": lambda p: torch.save(scheduler.state_dict(), p),
-        "rng.pt": lambda p: torch.save(rng, p),
-        "progress.json": lambda p: p.write_text(json.dumps(meta, indent=1)),
+        "network.safetensors": lambda p: save_safetensors(lora, p),
+        "optimizer.pt": lambda p: save_torch(optimizer.state_dict(), p),
+        "scheduler.pt": lambda p: save_torch(scheduler.state_dict(), p),
+        "rng.pt": lambda p: save_torch(rng, p),
+        "progress.json": lambda p: write_text(p, json.dumps(meta, indent=1)),  # last: its presence marks a full state
     }
+
+
+_STATE_FILES = ("progress.json", "network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
+
+
+def read_progress(path: Path) -> dict:
+    """``progress.json`` of a state directory, checked for the files and the format (no tensors are read)."""
+    path = Path(path)
+    missing = [n for n in _STATE_FILES if not (path / n).is_file()]
+    if not path.is_dir() or missing:
+        raise UserError(f"--resume {path}: not a training state directory (missing {', '.join(missing) or path})")
+    meta = read_json(path / "progress.json", "--resume")
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UserError(f"--resume {path}: state format {found} is not {STATE_FORMAT}")
+    return meta
 
 
 def read_state_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict, list[dict]]:
     """(progress json, network state dict, optimizer state, scheduler state, per-rank RNG states)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    needed = ("progress.json", "network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
-    missing = [n for n in needed if not (path / n).is_file()]
-    if not path.is_dir() or missing:
-        raise UserError(f"--resume {path}: not a training state directory (missing {', '.join(missing) or path})")
-    meta = json.loads((path / "progress.json").read_text())
-    if meta.get("format") != STATE_FORMAT:
-        raise UserError(f"--resume {path}: state format {meta.get('format')} is not {STATE_FORMAT}")
+    meta = read_progress(path)
     return (
         meta,
-        load_file(str(path / "network.safetensors")),
-        torch.load(path / "optimizer.pt", weights_only=True),
-        torch.load(path / "scheduler.pt", weights_only=True),
-        torch.load(path / "rng.pt", weights_only=False),  # python/numpy RNG tuples; our own file
+        load_safetensors(path / "network.safetensors", "--resume")[0],
+        load_torch(path / "optimizer.pt", "--resume"),
+        load_torch(path / "scheduler.pt", "--resume"),
+        load_torch(path / "rng.pt", "--resume", weights_only=False),  # python/numpy RNG tuples; our own file
     )
 
 
@@ -151,5 +173,10 @@ def rotate(directory: Path, pattern: str, keep: int, current: int) -> list[Path]
     numbers = sorted(found)
     doomed = [p for n in numbers[: max(0, len(numbers) - keep)] for p in found[n]] if keep > 0 else []
     for p in doomed:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.is_dir():  # renamed first, so a state folder never stays half-deleted under its real name
+            gone = p.with_name(f".{p.name}.del-{os.getpid()}")
+            os.replace(p, gone)
+            shutil.rmtree(gone)
+        else:
+            p.unlink()
     return doomed
