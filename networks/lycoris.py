@@ -102,6 +102,12 @@ class LoHaModule(AdapterModule):
         w1a, w1b, w2a, w2b = (p.float() for p in self._factors())
         return (w1a @ w1b) * (w2a @ w2b) * (m * self.scale)
 
+    @torch.no_grad()
+    def scale_delta_(self, ratio: float) -> None:
+        """ΔW <- ratio · ΔW (max-norm regularisation): both Hadamard factors by sqrt(ratio)."""
+        self.hada_w1_a.mul_(ratio**0.5)
+        self.hada_w2_a.mul_(ratio**0.5)
+
 
 class LoKrModule(AdapterModule):
     """LoKr branch for one Linear; ``layout`` as returned by :func:`lokr_layout` (or read from a file).
@@ -154,3 +160,9 @@ class LoKrModule(AdapterModule):
     def delta_weight(self, multiplier: float | None = None) -> torch.Tensor:
         m = self.multiplier if multiplier is None else multiplier
         return torch.kron(self.w1().float(), self.w2().float()) * (m * self.scale)
+
+    @torch.no_grad()
+    def scale_delta_(self, ratio: float) -> None:
+        """ΔW <- ratio · ΔW (max-norm regularisation): both Kronecker factors by sqrt(ratio)."""
+        (self.lokr_w1 if self.layout["rank_w1"] is None else self.lokr_w1_a).mul_(ratio**0.5)
+        (self.lokr_w2 if self.layout["rank_w2"] is None else self.lokr_w2_a).mul_(ratio**0.5)

@@ -335,6 +335,8 @@ def test_converter_keeps_comfyui_deltas_and_refuses_diffusers_for_them(tmp_path,
     a, _ = read_adapter(tmp_path / "comfy.safetensors").sd, None
     b = read_adapter(tmp_path / "musubi.safetensors").sd
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert main(["convert", str(tmp_path / "comfy.safetensors"), str(tmp_path / "d.safetensors"),
-                 "--format", "diffusers"]) == 1  # fmt: skip
+    from kandinsky5.common import run_cli
+
+    assert run_cli(main, ["convert", str(tmp_path / "comfy.safetensors"), str(tmp_path / "d.safetensors"),
+                          "--format", "diffusers"]) == 1  # fmt: skip
     assert "holds LoRA tensors only" in capsys.readouterr().err and not (tmp_path / "d.safetensors").exists()

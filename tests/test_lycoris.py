@@ -251,3 +251,16 @@ def test_mixed_adapters_train_identically_with_block_swap(ckpt):
         runs.append(_train(model, net, steps=1))
     _assert_identical(*runs)
     assert all(g.abs().sum() > 0 for g in runs[0][1][0])  # every adapter tensor, diff included, gets a gradient
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "lokr_factor4_both"])
+def test_max_norm_regularisation_scales_the_delta(dit, kind):
+    from kandinsky5.train.regularize import max_norm_
+
+    net = _network(dit, kind)
+    before = {name: m.delta_weight(1.0) for name, m in net.items()}
+    stats = max_norm_(net, 0.01)
+    assert stats.keys_scaled == len(net) and abs(stats.max_norm - 0.01) < 1e-9
+    for name, module in net.items():
+        after = module.delta_weight(1.0)
+        torch.testing.assert_close(after, before[name] * (0.01 / float(before[name].norm())), rtol=1e-4, atol=1e-9)
