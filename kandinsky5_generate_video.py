@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from kandinsky5.cli import (
     add_attention_args,
     add_config_file_arg,
     add_debug_arg,
+    add_magcache_args,
     add_memory_args,
     add_model_args,
     attention_spec_from_args,
@@ -40,6 +42,7 @@ from kandinsky5.cli import (
 from kandinsky5.common import UserError, get_logger, parse_dtype, resolve_device
 from kandinsky5.configs import TaskConfig, latent_frames
 from kandinsky5.files import load_safetensors, read_safetensors_header, save_safetensors
+from kandinsky5.memory.planner import check_generation_memory
 from kandinsky5.musubi_compat import add_musubi_args
 from kandinsky5.preflight import check_output_files, warn_task_mismatch
 from kandinsky5.sampling.pipeline import GenerationRequest, GenerationResult, Kandinsky5Pipeline, request_from_line
@@ -66,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add_attention_args(parser)
     add_memory_args(parser)
+    add_magcache_args(parser)
     add_config_file_arg(parser)
     add_debug_arg(parser)
     _add_generation_args(parser)
@@ -245,7 +249,7 @@ def _media_path(output: str, index: int, count: int, frames: int) -> Path:
 
 def _plan_outputs(args, requests: list[GenerationRequest]) -> tuple[list[Path | None], list[Path | None]]:
     """(media paths, latent paths) per request, all checked for existence before any model is loaded."""
-    if not args.output and not args.save_latents:
+    if not args.output and not args.save_latents and not args.magcache_calibrate:
         raise UserError("--output is required (or --save_latents to keep only the latents)")
     n = len(requests)
     media = [_media_path(args.output, i, n, r.spec.frames) if args.output else None for i, r in enumerate(requests)]
@@ -382,6 +386,35 @@ def _apply_loras(dit: torch.nn.Module, args: argparse.Namespace, task: TaskConfi
     return networks if args.lora_mode == "runtime" else []
 
 
+def _magcache_setup(args, task: TaskConfig, requests: list[GenerationRequest]):
+    """--magcache (config) or --magcache_calibrate (calibrator) or None, checked now; requests get its metadata."""
+    from kandinsky5.sampling.magcache import calibrator_from_args, magcache_from_args
+
+    magcache = magcache_from_args(args, task)
+    if magcache is None:
+        return calibrator_from_args(args, task, [r.spec for r in requests]), requests
+    meta = {"magcache": magcache.describe()}
+    return magcache, [replace(r, extra_metadata={**r.extra_metadata, **meta}) for r in requests]
+
+
+def _write_calibration(args, calibrator, request: GenerationRequest) -> None:
+    from kandinsky5.model.loading import file_fingerprint
+
+    spec = request.spec
+    meta = {
+        "checkpoint": Path(args.dit).name,
+        "checkpoint_hash": file_fingerprint(args.dit),
+        "checkpoint_hash_method": "sha256 of file size + first MiB (kandinsky5.model.loading.file_fingerprint)",
+        "loras": {Path(p).name: m for p, m in zip(args.lora_weight, args.lora_multiplier)},
+        "guidance": spec.guidance,
+        "scheduler_scale": spec.scheduler_scale,
+        "size": f"{spec.width}x{spec.height}x{spec.frames}",
+        "dtype": args.dtype,
+    }
+    path = calibrator.write(args.magcache_calibrate, meta, overwrite=args.overwrite)
+    print(f"wrote MagCache ratios to {path} (use them with --magcache_ratios {path})")
+
+
 def _load_dit(args: argparse.Namespace, task: TaskConfig, device, dtype, attention, memory):
     from kandinsky5.memory.build import build_dit
 
@@ -448,6 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapters = _read_loras(args)  # read and checked before any model loads; triggers change the prompts
     requests = [_request(args, task, line) for line in _trigger_lines(lines, adapters, not args.no_lora_trigger)]
     media_paths, latent_paths = _plan_outputs(args, requests)
+    step_cache, requests = _magcache_setup(args, task, requests)
+    runtime = bool(args.lora_weight) and args.lora_mode == "runtime"
+    memory = check_generation_memory(task, args.dit, device, dtype, attention, memory, requests, runtime)
     if not args.vae and (args.output or any(r.image is not None for r in requests)):
         raise UserError("--vae is required (it decodes the video and encodes conditioning images)")
     if not (args.text_encoder_qwen and args.text_encoder_clip):
@@ -461,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=dtype,
         qwen_4bit=args.qwen_4bit,
         vae_tiling=args.vae_tiling,
+        magcache=step_cache,
     )
     pipe.encode_prompts(requests)
     pipe.release_text_encoder()
@@ -471,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = pipe.generate_iter(dit, prepared, decode=args.output is not None, offload_dit=offload, restore=False)
     for index, result in enumerate(results):
         _finish(args, result, media_paths[index], latent_paths[index])
+    if args.magcache_calibrate:
+        _write_calibration(args, step_cache, requests[0])
     return 0
 
 

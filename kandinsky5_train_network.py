@@ -10,8 +10,9 @@ backward -> (all-reduce) -> clip -> optimizer and LR step -> save / sample.  See
 Tensor layouts (``kandinsky5.train``): latents ``(B, T, h, w, 16)`` channels-last, DiT input ``(B, T, h, w, 33)``,
 text ``(B, L, D)`` + ``(B, L)`` mask, pooled ``(B, Dc)``, flow time ``t`` ``(B,)`` in [0, 1].
 
-Multi-GPU: ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun``); data is sharded per batch, LoRA
-gradients are all-reduced, only rank 0 saves, samples and logs.
+Multi-GPU / multi-node: ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun``); data is sharded per
+batch; the LoRA is trained under torch's DDP, or with ``--fsdp`` everything is sharded with FSDP2
+(``kandinsky5.train.distributed`` / ``kandinsky5.train.fsdp``); only rank 0 saves and logs.
 """
 
 from __future__ import annotations
@@ -31,14 +32,19 @@ import torch
 from kandinsky5 import cli, musubi_compat
 from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.model import flow
+from kandinsky5.sampling.magcache import magcache_from_args
 from kandinsky5.train import adapters, optim, prechecks, startup, tracker, validation
 from kandinsky5.train import args as train_args
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
 from kandinsky5.train.distributed import (
     DistContext,
+    add_distributed_args,
     broadcast_object,
-    broadcast_params_,
+    build_engine,
     check_ranks_agree,
+    close_distributed,
+    default_timeout_minutes,
+    distributed_config_from_args,
     init_distributed,
 )
 from kandinsky5.train.monitor import monitor_for
@@ -67,11 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_attention_args(p)
     cli.add_memory_args(p, training=True)
     _add_run_args(p)
+    cli.add_magcache_args(p, calibrate=False)
     _add_optimizer_args(p)
     _add_network_args(p)
     _add_timestep_args(p)
     _add_save_args(p)
     adapters.add_adapter_file_args(p)
+    add_distributed_args(p)
     startup.add_safety_args(p)
     cli.add_debug_arg(p)
     validation.add_validation_args(p)
@@ -239,6 +247,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UserError(f"--i2v_mode applies to I2V tasks; {task.name} is text-to-video")
     if args.sample_prompts and not (args.text_encoder_qwen and args.text_encoder_clip and args.vae):
         raise UserError("--sample_prompts needs --text_encoder_qwen, --text_encoder_clip and --vae")
+    if (args.magcache or args.magcache_ratios) and not args.sample_prompts:
+        raise UserError("--magcache speeds up sampling during training: it needs --sample_prompts")
     timesteps = train_args.timestep_config(args)
     train_args.check_args(args)
     positive = ("gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "network_dim",
@@ -302,11 +312,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             text_encoder_qwen=args.text_encoder_qwen,
             text_encoder_clip=args.text_encoder_clip,
             vae=args.vae,
+            magcache=magcache_from_args(args, task),
             vae_dtype=train_args.vae_dtype(args),
         ),  # fmt: skip
         num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         persistent_workers=args.persistent_data_loader_workers,
         resume=Path(args.resume) if args.resume else None,
+        distributed=distributed_config_from_args(args, optim.parse_kv_args(args.network_args, "--network_args")),
         overwrite=args.overwrite,
         allow_stale_cache=args.allow_stale_cache,
         tracking=tracker.tracker_config_from_args(args),
@@ -342,7 +354,7 @@ def _log_setup(cfg: TrainConfig, ctx, items: list, total: int, per_epoch: int) -
     )  # fmt: skip
 
 
-def setup(cfg: TrainConfig, ctx: DistContext):
+def setup(cfg: TrainConfig, ctx: DistContext, requests: list):
     """Check the caches, build DiT + LoRA + optimizer + schedule and the data loader."""
     from torch.utils.data import DataLoader
 
@@ -351,14 +363,12 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     from dataset.split import split_validation
     from dataset.staleness import check_stale
     from dataset.summary import dataset_summary
-    from kandinsky5.memory.build import build_dit
     from kandinsky5.model.checkpoint_hash import checkpoint_sha256
     from kandinsky5.model.loading import file_fingerprint
     from kandinsky5.model.nabla import check_geometry
     from kandinsky5.model.vae import vae_file_identity
+    from kandinsky5.train.memory_check import check_training_memory
 
-    # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
-    requests = sample_requests(cfg.task, cfg.sample.prompts, cfg.metadata.trigger_word) if cfg.sample.enabled else []
     seed = broadcast_object(ctx, cfg.seed if cfg.seed is not None else random.randrange(2**31))
     dataset_cfg = load_dataset_config(cfg.dataset_config)
     items = discover_items(dataset_cfg, cfg.task)
@@ -375,17 +385,14 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     if cfg.attention.nabla is not None:  # geometry errors now, not after loading a 19B model
         for _, h, w in sorted({i.shape for i in items + val_items}):
             check_geometry(h // 2, w // 2)
+    cfg = check_training_memory(cfg, ctx, items, requests)  # weights + activations vs the budget; auto
     train_args.apply_cuda_switches(cfg.cuda_allow_tf32, cfg.cudnn_benchmark)
     training_sampler = None
-    if requests and ctx.is_main:  # only rank 0 samples; prompts are encoded now, before the DiT exists (memory)
-        training_sampler = TrainingSampler(cfg, ctx.device, requests)
-        training_sampler.prepare()
-    dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True)
-    dit.requires_grad_(False)
-    seed_everything(seed)  # the same LoRA init on every rank (broadcast below as well)
-    network, module = _build_network(cfg, dit)
-    network.to(ctx.device)
-    broadcast_params_(ctx, network.parameters())
+    if requests and (ctx.is_main or cfg.distributed.fsdp):  # rank 0 samples (all ranks in lockstep under --fsdp)
+        training_sampler = TrainingSampler(cfg, ctx.device, requests, writes=ctx.is_main)
+        training_sampler.prepare()  # prompts encoded now, before the DiT exists (memory)
+    engine = build_engine(cfg, ctx, seed, lambda dit: _build_network(cfg, dit))  # one process, DDP or FSDP
+    dit, network, module = engine.dit, engine.network, engine.module
     groups = optim.lora_param_groups(network.named_parameters(), cfg.optimizer.learning_rate,
                                      prechecks.loraplus_ratio(cfg.network))  # fmt: skip
     optimizer = optim.build_optimizer(groups, cfg.optimizer)
@@ -394,7 +401,7 @@ def setup(cfg: TrainConfig, ctx: DistContext):
     generator = torch.Generator(ctx.device).manual_seed(seed * 1009 + ctx.rank)
     sha256 = checkpoint_sha256(cfg.dit_path) if cfg.metadata.enabled and ctx.is_main else None
     run = Run(cfg, ctx, dit, network, module, optimizer, scheduler, generator, seed, total, len(items),
-              file_fingerprint(cfg.dit_path), sampler=training_sampler, validator=validator,
+              file_fingerprint(cfg.dit_path), sampler=training_sampler, validator=validator, engine=engine,
               datasets=dataset_summary(dataset_cfg, items, cfg.metadata.full_paths), base_sha256=sha256)  # fmt: skip
     loader = DataLoader(
         LatentDataset(items, with_image=cfg.task.is_i2v),
@@ -451,17 +458,19 @@ def after_epoch(run: Run, epoch: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def micro_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward + backward of one micro-batch: draw t and noise, flow-matching loss; returns the loss."""
+def micro_step(run: Run, batch: dict[str, torch.Tensor], last: bool = True) -> torch.Tensor:
+    """Forward + backward of one micro-batch: draw t and noise, flow-matching loss; returns the loss.  Gradients are
+    reduced over ranks only on the ``last`` micro-batch of a step."""
     cfg, device = run.cfg, run.ctx.device
     b = batch_to_device(batch, device)
     shape = b.latents.shape  # (B, T, h, w, 16): one bucket, one (h, w) per batch
     t = flow.sample_timesteps(cfg.timesteps, shape[0], run.generator, device, latent_hw=(shape[2], shape[3]))
     noise = torch.randn(shape, generator=run.generator, device=device, dtype=torch.float32)
-    with torch.autocast(device.type, dtype=cfg.weight_dtype, enabled=cfg.autocast):
-        loss = flow_matching_loss(run.dit, b, t, noise, cfg.task.rope_scale, cfg.i2v_mode,
-                                  sample_weight=flow.loss_weight(cfg.timesteps, t))  # fmt: skip
-    (loss / cfg.gradient_accumulation_steps).backward()
+    with run.engine.sync(last):
+        with torch.autocast(device.type, dtype=cfg.weight_dtype, enabled=cfg.autocast):
+            loss = flow_matching_loss(run.engine.model, b, t, noise, cfg.task.rope_scale, cfg.i2v_mode,
+                                      sample_weight=flow.loss_weight(cfg.timesteps, t))  # fmt: skip
+        (loss / cfg.gradient_accumulation_steps).backward()
     return loss.detach()
 
 
@@ -484,7 +493,8 @@ def train_epoch(run: Run, loader, batches_per_epoch: int) -> bool:
     p, accum = run.progress, run.cfg.gradient_accumulation_steps
     loss_sum, micro = torch.zeros((), device=run.ctx.device), 0
     for batch in loader:
-        loss_sum, micro = loss_sum + micro_step(run, batch), micro + 1
+        last = micro + 1 >= accum or p.batches_in_epoch + 1 >= batches_per_epoch
+        loss_sum, micro = loss_sum + micro_step(run, batch, last), micro + 1
         p.batches_in_epoch += 1
         if micro < accum and p.batches_in_epoch < batches_per_epoch:
             continue
@@ -497,9 +507,9 @@ def train_epoch(run: Run, loader, batches_per_epoch: int) -> bool:
     return False
 
 
-def train(cfg: TrainConfig, ctx: DistContext) -> Path | None:
+def train(cfg: TrainConfig, ctx: DistContext, requests: list | None = None) -> Path | None:
     """The whole run; returns the final LoRA (or state) path written by rank 0."""
-    run, loader, sampler = setup(cfg, ctx)
+    run, loader, sampler = setup(cfg, ctx, requests or [])
     per_epoch = sampler.batches_per_epoch
     epochs = math.ceil(run.total_steps / math.ceil(per_epoch / cfg.gradient_accumulation_steps))
     run.monitor = monitor_for(run, math.ceil(per_epoch / cfg.gradient_accumulation_steps), epochs)
@@ -534,15 +544,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.show_timesteps:
         return train_args.show_timesteps(args)
     cfg = config_from_args(args)
-    ctx = init_distributed()
+    # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
+    requests = sample_requests(cfg.task, cfg.sample.prompts, cfg.metadata.trigger_word) if cfg.sample.enabled else []
+    timeout = cfg.distributed.timeout_minutes or default_timeout_minutes(cfg.task, requests)
+    ctx = init_distributed(timeout, fsdp=cfg.distributed.fsdp)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the setup log, from rank 0
     musubi_compat.log_default_differences("train", train_args.musubi_view(cfg, args))
     try:
-        train(cfg, ctx)
+        train(cfg, ctx, requests)
     finally:
-        if ctx.distributed:
-            torch.distributed.destroy_process_group()
+        close_distributed()
     return 0
 
 

@@ -1,18 +1,28 @@
-"""Benchmark one denoising step with classifier-free guidance: batched cond+uncond (ours) vs two DiT calls (official).
+"""Benchmark one denoising step with classifier-free guidance: batched cond+uncond (ours) vs two DiT calls (official);
+with ``--magcache``, whole videos on the tiny bundle with and without MagCache step skipping.
 
     python bench/bench_sampling.py --quick            # CPU smoke run, a few seconds
     python bench/bench_sampling.py --model small --width 256 --height 256 --frames 17 --device cuda --dtype bfloat16
+    python bench/bench_sampling.py --magcache [--quick]   # MagCache rows (calibrates the tiny DiT first)
 
 A step is exactly what ``kandinsky5.sampling.pipeline.sample_latents`` does per step: build the 33-channel input
 (B, T, h, w, 33), run the DiT on the cond and negative texts (lengths differ: 40 and 24 tokens, so the batched call
 uses the text key mask), combine ``v_u + w (v_c - v_u)``, Euler update.  The DiT has random weights (its speed does
 not depend on them).  Prints a markdown table of seconds per step.
+
+``--magcache``: the offline tiny bundle (``kandinsky5.tiny_weights``, real text encoders / VAE / DiT formats) makes
+one calibration video (``--magcache_calibrate``'s code path; the tiny task has no official ratios) on one prompt and
+seed, then samples another prompt and seed in full and with MagCache at each ``--thresholds`` value (official K and
+retention), the runs interleaved ``--repeats`` times.  Rows: DiT calls whose visual blocks ran, seconds per video
+(denoising only; the VAE decode is the same for all rows), speed-up, and the deviation from the full run: relative L2
+of the latents and PSNR of the decoded uint8 frames (mean and worst frame).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -46,7 +56,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if present)")
     p.add_argument("--dtype", default="float32", help="DiT weight dtype: float32 / bfloat16 / float16 (float32)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 128x128x9, 2 timed steps")
+    m = p.add_argument_group("--magcache mode")
+    m.add_argument("--magcache", action="store_true", help="benchmark MagCache on whole tiny-bundle videos instead")
+    m.add_argument("--video_steps", type=int, default=50, help="denoising steps per video (50, official)")
+    m.add_argument("--thresholds", type=float, nargs="+", default=[0.06, 0.12, 0.24], help="MagCache thresholds")
+    m.add_argument("--repeats", type=int, default=3, help="timed repetitions of every row, interleaved (3)")
+    m.add_argument("--bundle", default=None, help="tiny bundle dir (default: written to a temporary dir)")
     args = p.parse_args()
+    if args.quick and args.magcache:
+        args.video_steps, args.thresholds, args.repeats = 20, [0.12], 2
     if args.quick:
         args.model, args.width, args.height, args.frames, args.steps = "tiny", 128, 128, 9, 2
     return args
@@ -105,8 +123,120 @@ def time_modes(dit, spec: SamplingSpec, cond, uncond, steps: int, device, dtype)
     return {mode: t[1:] for mode, t in times.items()}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --magcache: whole videos on the tiny bundle
+# ----------------------------------------------------------------------------------------------------------------
+
+CALIBRATION_PROMPT, CALIBRATION_SEED = "A red ball bounces on a wooden floor.", 1
+EVAL_PROMPT, EVAL_SEED = "A cat walks on the grass, realistic style.", 42
+
+
+def _psnr(a, b) -> list[float]:
+    """Per-frame PSNR (dB) of two (F, H, W, 3) uint8 videos; inf for identical frames."""
+    import numpy as np
+
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(a.shape[0], -1).mean(axis=1)
+    return [float("inf") if e == 0 else 10 * math.log10(255.0**2 / e) for e in mse]
+
+
+def _tiny_pipeline(args, tmp: Path, device, dtype):
+    from kandinsky5.configs import get_task
+    from kandinsky5.memory.build import MemoryConfig, build_dit
+    from kandinsky5.model.dit import AttentionSpec
+    from kandinsky5.sampling.pipeline import Kandinsky5Pipeline
+    from kandinsky5.tiny_weights import write_bundle
+
+    bundle = Path(args.bundle) if args.bundle else write_bundle(tmp / "bundle", seed=0)
+    task = get_task("k5-tiny-t2v")
+    pipe = Kandinsky5Pipeline(task, text_encoder_qwen=str(bundle / "text_encoder"),
+                              text_encoder_clip=str(bundle / "text_encoder2"), vae_path=str(bundle / "vae"),
+                              device=device, dtype=dtype)  # fmt: skip
+    dit = build_dit(task, bundle / "model" / "k5_tiny_t2v.safetensors", device, dtype, AttentionSpec(), MemoryConfig())
+    return task, pipe, dit
+
+
+def _timed_sample(pipe, dit, prepared, device) -> tuple[torch.Tensor, float, float]:
+    """Latents, wall seconds and process CPU seconds (all threads; steadier than wall time on a shared CPU)."""
+    _sync(device)
+    start, cpu = time.perf_counter(), time.process_time()
+    latents = pipe.sample(dit, prepared, progress=False)
+    _sync(device)
+    return latents, time.perf_counter() - start, time.process_time() - cpu
+
+
+def magcache_rows(args, device, dtype) -> tuple[str, list[str]]:
+    """(setup line, markdown rows) of the --magcache benchmark."""
+    import tempfile
+
+    from kandinsky5.sampling import magcache as mc
+    from kandinsky5.sampling.pipeline import GenerationRequest, PreparedRequest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        task, pipe, dit = _tiny_pipeline(args, Path(tmp), device, dtype)
+        spec = SamplingSpec(args.width, args.height, args.frames, args.video_steps, args.guidance, 5.0, seed=EVAL_SEED)
+        calibration = PreparedRequest(GenerationRequest(CALIBRATION_PROMPT, replace_seed(spec, CALIBRATION_SEED)))
+        prepared = PreparedRequest(GenerationRequest(EVAL_PROMPT, spec))
+        pipe.encode_prompts([calibration.request, prepared.request])  # outside the timed sampling
+        pipe.release_text_encoder()
+        pipe.magcache = calibrator = mc.Calibrator(task)
+        pipe.sample(dit, calibration, progress=False)
+        ratios = mc.MagRatios(tuple(calibrator.values()), spec.steps, "tiny calibration", True)
+        configs = {"full": None, **{f"MagCache {t}": mc.MagCacheConfig(ratios, thresh=t) for t in args.thresholds}}
+        times: dict[str, list[float]] = {name: [] for name in configs}
+        cpu: dict[str, list[float]] = {name: [] for name in configs}
+        latents, runs = {}, {}
+        for _ in range(args.repeats):
+            for name, config in configs.items():
+                pipe.magcache = None if config is None else _Recording(config, runs, name)
+                latents[name], seconds, cpu_seconds = _timed_sample(pipe, dit, prepared, device)
+                times[name].append(seconds)
+                cpu[name].append(cpu_seconds)
+        frames = {name: pipe.decode(x)[0] for name, x in latents.items()}
+    full_time, full_cpu, rows = statistics.median(times["full"]), statistics.median(cpu["full"]), []
+    for name in configs:
+        calls = 2 * spec.steps - (runs[name].skipped if name in runs else 0)
+        err = ((latents[name] - latents["full"]).norm() / latents["full"].norm()).item()
+        psnr = _psnr(frames[name], frames["full"])
+        t, c = statistics.median(times[name]), statistics.median(cpu[name])
+        rows.append(f"| {name} | {calls} / {2 * spec.steps} | {t:.3f} | {full_time / t:.2f}x | {c:.3f} | "
+                    f"{full_cpu / c:.2f}x | {err:.2e} | {statistics.mean(psnr):.1f} | {min(psnr):.1f} |")  # fmt: skip
+    setup = (f"tiny bundle DiT (D={task.dit.model_dim}, {task.dit.num_visual_blocks} visual blocks), "
+             f"{spec.width}x{spec.height}x{spec.frames}, {spec.steps} steps, CFG {spec.guidance}, {device}, "
+             f"{str(dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}, repeats {args.repeats}; "
+             f"ratios calibrated on another prompt and seed")  # fmt: skip
+    return setup, rows
+
+
+def replace_seed(spec: SamplingSpec, seed: int) -> SamplingSpec:
+    return dataclasses.replace(spec, seed=seed)
+
+
+class _Recording:
+    """A MagCache config whose runs are kept (for the skip count of each row)."""
+
+    def __init__(self, config, runs: dict, name: str):
+        self.config, self.runs, self.name = config, runs, name
+
+    def start(self, steps: int, cfg: bool):
+        self.runs[self.name] = run = self.config.start(steps, cfg)
+        return run
+
+
+def magcache_main(args) -> int:
+    device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
+    setup, rows = magcache_rows(args, device, dtype)
+    print(f"\n{setup}\n")
+    print("| run | DiT calls run | s / video (median) | speed-up | CPU s / video | CPU speed-up | latent rel. L2 | "
+          "PSNR mean (dB) | PSNR worst (dB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
 def main() -> int:
     args = parse()
+    if args.magcache:
+        return magcache_main(args)
     device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
     cfg = MODELS[args.model]
     spec = SamplingSpec(args.width, args.height, args.frames, args.steps, args.guidance, 5.0, seed=0)

@@ -21,11 +21,17 @@ Checks (``CHECKS``, in order of risk):
 6. ``latency`` -- one Pro-sized visual block: forward at 2 x 31,744 tokens (Pro 5 s SD, CFG batch) and
    forward + backward at 1,280 tokens (256x256x17), extrapolated to 50 CFG steps of Pro 5 s SD and to one Pro LoRA
    step (visual + text blocks only: embeddings, VAE and text encoders are not counted).
+7. ``magcache`` -- the block-swap DiT (Pro width, few blocks) sampling 50 CFG steps: ``--magcache_thresh 0`` must be
+   bit-identical to the plain sampler; with the official Pro ratios and knobs, calls skipped, seconds per video
+   against the full run and the latent deviation (random weights: the deviation is not a quality figure).
 
 Output: the table (device, date, torch / CUDA versions first) on stdout, and the same table as ``<output>.md`` next
 to ``<output>.json`` (every row with its raw numbers).  Exit status 1 if any row failed.
 
-Adding a check (e.g. torch.compile of the whole DiT, MagCache, the memory plan against measured peaks): append
+8. ``activation_model`` -- the start-up memory plan's activation model against ``torch.cuda.max_memory_allocated``
+   for Pro-size blocks (a LoRA step with fp8 + checkpointing + swap, one without, a CFG sampling call).
+
+Adding a check (e.g. torch.compile of the whole DiT): append
 ``Check(name, function)`` to ``CHECKS``; the function takes :class:`Settings` and returns rows, and must honour
 ``settings.dry_run`` (tiny sizes on the CPU) so that ``tests/test_gpu_check.py`` keeps it from rotting.
 """
@@ -35,18 +41,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import gc
 import json
 import logging
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,10 +59,25 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
+import bench_activations  # noqa: E402
 import bench_memory  # noqa: E402
+from gpu_check_base import (  # noqa: E402
+    DRY,
+    FULL,
+    QUICK,
+    Row,
+    Settings,
+    free,
+    gib,
+    median_time,
+    peak_memory,
+    random_module,
+    rel,
+    sync_debug,
+)
 
 from kandinsky5.common import atomic_path  # noqa: E402
-from kandinsky5.configs import PRO_DIT, TINY_DIT, DiTConfig, NablaConfig, get_task  # noqa: E402
+from kandinsky5.configs import PRO_DIT, TINY_DIT, NablaConfig, get_task  # noqa: E402
 from kandinsky5.memory.build import MemoryConfig, build_dit, memory_plan  # noqa: E402
 from kandinsky5.memory.fp8 import FP8Linear, convert_to_fp8, fp8_matmul_unavailable  # noqa: E402
 from kandinsky5.memory_plan import stored_dtypes  # noqa: E402
@@ -70,156 +87,6 @@ from kandinsky5.model.dit import DiT, TextBlock, VisualBlock, text_rope, visual_
 from kandinsky5.model.loading import checkpoint_files, read_header  # noqa: E402
 from networks.lora import LoRANetwork  # noqa: E402
 from networks.lora_kandinsky import DEFAULT_INCLUDE_PATTERNS  # noqa: E402
-
-
-@dataclass
-class Row:
-    check: str
-    config: str
-    result: str
-    status: str  # ok | FAIL | warn | skip
-    data: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Problem sizes of one mode (full, quick or dry run)."""
-
-    nabla_heads: tuple[tuple[str, int, int], ...]  # (name, heads, head dim)
-    nabla_grids: tuple[tuple[int, int, int], ...]  # token grids (T, Hg, Wg); the first is the accuracy grid
-    swap_dit: DiTConfig
-    swap_n: int
-    swap_configs: tuple[tuple[bool, bool, bool], ...]  # (fp8, gradient checkpointing, activation offload)
-    swap_video: tuple[int, int, int]  # width, height, frames
-    fp8_shape: tuple[int, int, int]  # tokens, in, out
-    block: DiTConfig
-    infer_grid: tuple[int, int, int]
-    train_grid: tuple[int, int, int]
-    memory_argv: tuple[str, ...]
-
-
-_PRO_FEW = dataclasses.replace(PRO_DIT, num_text_blocks=1, num_visual_blocks=6)
-FULL = Sizes(
-    nabla_heads=(("Lite", 28, 64), ("Pro", 32, 128)),
-    nabla_grids=((8, 32, 32), (4, 32, 48)),
-    swap_dit=_PRO_FEW,
-    swap_n=4,
-    swap_configs=tuple((fp8, ckpt, off) for fp8 in (False, True) for ckpt, off in ((0, 0), (1, 0), (1, 1))),
-    swap_video=(512, 512, 25),
-    fp8_shape=(47_616, 16_384, 4096),
-    block=PRO_DIT,
-    infer_grid=(31, 32, 32),  # 512x512x121: 31 latent frames of 64x64 -> 32x32 tokens
-    train_grid=(5, 16, 16),  # 256x256x17
-    memory_argv=(),
-)
-QUICK = dataclasses.replace(
-    FULL,
-    nabla_grids=((4, 32, 32), (2, 32, 48)),
-    swap_dit=dataclasses.replace(PRO_DIT, num_text_blocks=1, num_visual_blocks=4),
-    swap_n=2,
-    swap_video=(256, 256, 25),
-    memory_argv=("--steps", "2"),
-)
-DRY = Sizes(
-    nabla_heads=(("tiny", 4, 16),),
-    nabla_grids=((1, 16, 16), (1, 16, 24)),
-    swap_dit=TINY_DIT,
-    swap_n=2,
-    swap_configs=((False, False, False), (True, True, True)),
-    swap_video=(64, 64, 5),
-    fp8_shape=(1000, 2048, 512),
-    block=TINY_DIT,
-    infer_grid=(2, 8, 8),
-    train_grid=(1, 4, 4),
-    memory_argv=("--quick", "--swaps", "2", "--fp8", "off", "--modes", "infer", "--steps", "1"),
-)
-
-
-@dataclass(frozen=True)
-class Settings:
-    device: torch.device
-    dtype: torch.dtype
-    sizes: Sizes
-    dry_run: bool
-    quick: bool
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    @property
-    def repeats(self) -> int:
-        """Timed repeats after a warm-up (the dry run times one call, without warm-up: it only must not rot)."""
-        return 0 if self.dry_run else 3
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# measuring helpers
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _sync(s: Settings) -> None:
-    if s.cuda:
-        torch.cuda.synchronize(s.device)
-
-
-def _median_time(s: Settings, fn: Callable[[], object]) -> float:
-    """Median seconds of ``fn`` over ``s.repeats`` calls after one warm-up call (dry run: one call)."""
-    if s.repeats:
-        fn()
-    times = []
-    for _ in range(max(1, s.repeats)):
-        _sync(s)
-        start = time.perf_counter()
-        fn()
-        _sync(s)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _peak(s: Settings, fn: Callable[[], object]) -> tuple[object, int | None, int | None]:
-    """(result, peak bytes allocated while ``fn`` ran, bytes allocated before it); Nones on the CPU."""
-    if not s.cuda:
-        return fn(), None, None
-    _sync(s)
-    torch.cuda.reset_peak_memory_stats(s.device)
-    before = torch.cuda.memory_allocated(s.device)
-    out = fn()
-    _sync(s)
-    return out, torch.cuda.max_memory_allocated(s.device), before
-
-
-@contextmanager
-def _sync_debug(s: Settings):
-    """Count the synchronising CUDA calls (``set_sync_debug_mode("warn")``) inside the block; [] on the CPU."""
-    found: list[str] = []
-    if not s.cuda:
-        yield found
-        return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield found
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    found.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message))
-
-
-def _free(s: Settings) -> None:
-    gc.collect()
-    if s.cuda:
-        torch.cuda.empty_cache()
-
-
-def _gib(nbytes: int | None) -> str:
-    return "n/a (CPU)" if nbytes is None else f"{nbytes / 2**30:.2f} GiB"
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| in fp32."""
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. the GPU-marked tests
@@ -258,12 +125,12 @@ def _nabla_accuracy(s: Settings, name: str, heads: int, head_dim: int) -> Row:
         out = nabla.flex_block_attention(q, k, v, mask)
     ref_inputs = [t.detach().float().requires_grad_(grad) for t in (q, k, v)]
     ref = nabla.dense_mask_attention(*ref_inputs, mask)  # fp32 SDPA with the (S, S) mask
-    errors = {"out": _rel(out, ref)}
+    errors = {"out": rel(out, ref)}
     if grad:
         g = torch.randn_like(ref)
         ours = torch.autograd.grad(out, (q, k, v), g.to(out.dtype))
         theirs = torch.autograd.grad(ref, ref_inputs, g)
-        errors.update({f"d{n}": _rel(a, b) for n, a, b in zip("qkv", ours, theirs)})
+        errors.update({f"d{n}": rel(a, b) for n, a, b in zip("qkv", ours, theirs)})
     tol = 2e-2 if s.dtype in (torch.bfloat16, torch.float16) else 1e-4
 
     def step(fn):
@@ -272,8 +139,8 @@ def _nabla_accuracy(s: Settings, name: str, heads: int, head_dim: int) -> Row:
             if grad:
                 torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
 
-    flex_s = _median_time(s, lambda: step(nabla.flex_block_attention))
-    dense_s = _median_time(s, lambda: step(nabla.dense_mask_attention))
+    flex_s = median_time(s, lambda: step(nabla.flex_block_attention))
+    dense_s = median_time(s, lambda: step(nabla.dense_mask_attention))
     kept = float(mask.float().mean())
     config = f"{name} {heads}x{head_dim}, {grid[0]}x{grid[1]}x{grid[2]} tokens, {kept:.0%} of blocks kept"
     what = "fwd+bwd" if grad else "fwd (CPU: no flex backward)"
@@ -345,12 +212,12 @@ def _swap_run(s: Settings, path: Path, memory: MemoryConfig, train: bool) -> dic
                 out.float().square().mean().backward()
             return out.detach()
 
-    with _sync_debug(s) as syncs:
-        out, peak, _ = _peak(s, step)
+    with sync_debug(s) as syncs:
+        out, peak, _ = peak_memory(s, step)
     grads = [p.grad.detach().clone() for p in net.parameters()] if train else []
-    seconds = None if train else _median_time(s, step)
+    seconds = None if train else median_time(s, step)
     dit = net = step = None  # noqa: F841 (free the model before the next configuration loads)
-    _free(s)
+    free(s)
     return {"out": out, "grads": grads, "peak": peak, "syncs": syncs, "seconds": seconds}
 
 
@@ -359,12 +226,12 @@ def _swap_row(s: Settings, path: Path, fp8: bool, ckpt: bool, offload: bool) -> 
     ref = _swap_run(s, path, base, train=True)
     got = _swap_run(s, path, dataclasses.replace(base, blocks_to_swap=s.sizes.swap_n), train=True)
     exact = torch.equal(ref["out"], got["out"])
-    grad_err = max((_rel(a, b) for a, b in zip(got["grads"], ref["grads"])), default=0.0)
+    grad_err = max((rel(a, b) for a, b in zip(got["grads"], ref["grads"])), default=0.0)
     planned = _planned_saving(s, path, fp8)
     saved = None if ref["peak"] is None else ref["peak"] - got["peak"]
     config = f"train, fp8 {'on' if fp8 else 'off'}, " + ("ckpt + offload" if offload else "ckpt" if ckpt else "plain")
     result = (f"swap {s.sizes.swap_n}: output {'bit-identical' if exact else 'DIFFERS'}, LoRA grad max rel "
-              f"{grad_err:.1e}; peak {_gib(ref['peak'])} -> {_gib(got['peak'])} (plan: -{_gib(planned)}); "
+              f"{grad_err:.1e}; peak {gib(ref['peak'])} -> {gib(got['peak'])} (plan: -{gib(planned)}); "
               f"sync calls {len(got['syncs'])}")  # fmt: skip
     short = saved is not None and saved < 0.8 * planned
     status = "FAIL" if not exact or grad_err > 1e-3 else "warn" if got["syncs"] or short else "ok"
@@ -438,11 +305,11 @@ def _fp8_row(s: Settings, name: str, layer, x: torch.Tensor, ref: torch.Tensor) 
     config = f"{name}, {x.shape[0]:,} tokens x {x.shape[1]} -> {ref.shape[1]}"
     if isinstance(layer, str):
         return Row("fp8", config, f"not run: {layer}", "skip")
-    out, peak, before = _peak(s, lambda: layer(x))
+    out, peak, before = peak_memory(s, lambda: layer(x))
     transient = None if peak is None else peak - before - out.numel() * out.element_size()
-    seconds = _median_time(s, lambda: layer(x))
+    seconds = median_time(s, lambda: layer(x))
     err = float((out.float() - ref.float()).norm() / ref.float().norm())
-    result = f"rel err vs bf16 {err:.2%}; transient besides the output {_gib(transient)} (input {_gib(x.numel() * 2)})"
+    result = f"rel err vs bf16 {err:.2%}; transient besides the output {gib(transient)} (input {gib(x.numel() * 2)})"
     result += f"; {seconds * 1e3:.1f} ms"
     too_big = name == "fp8_fast" and transient is not None and transient > 1.5 * x.numel() * x.element_size()
     status = "FAIL" if too_big or (name != "bf16" and err > 0.05) else "ok"
@@ -460,7 +327,7 @@ def check_memory_bench(s: Settings) -> list[Row]:
     rows = []
     for r in results:
         config = f"{r['mode']}, fp8 {'on' if r['fp8'] else 'off'}, swap {r['swap']}"
-        result = f"planned {_gib(r['planned'])}, peak {_gib(r['peak'])}, {r['s']:.3f} s/step"
+        result = f"planned {gib(r['planned'])}, peak {gib(r['peak'])}, {r['s']:.3f} s/step"
         rows.append(Row("memory_bench", config, result, "ok", {k: r[k] for k in ("planned", "peak", "s")}))
     rows.append(Row("memory_bench", "setup", setup, "ok"))
     return rows
@@ -471,23 +338,10 @@ def check_memory_bench(s: Settings) -> list[Row]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _random_(build: Callable[[], nn.Module], s: Settings) -> nn.Module:
-    with torch.device(s.device):
-        module = build().to(s.dtype)
-    gen = torch.Generator(device=s.device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02, generator=gen)
-    return module.requires_grad_(False)
-
-
 def _block_times(s: Settings, grid, batch: int, train: bool) -> tuple[float, float]:
     """Seconds of one visual block and one text block (128 text tokens) at ``grid`` x ``batch``."""
     cfg = s.sizes.block
-    visual, text_block = _random_(lambda: VisualBlock(cfg), s), _random_(lambda: TextBlock(cfg), s)
+    visual, text_block = random_module(lambda: VisualBlock(cfg), s), random_module(lambda: TextBlock(cfg), s)
     tokens, length = grid[0] * grid[1] * grid[2], 128
     x = torch.randn(batch, tokens, cfg.model_dim, device=s.device, dtype=s.dtype, requires_grad=train)
     text = torch.randn(batch, length, cfg.model_dim, device=s.device, dtype=s.dtype, requires_grad=train)
@@ -501,18 +355,18 @@ def _block_times(s: Settings, grid, batch: int, train: bool) -> tuple[float, flo
             if train:
                 torch.autograd.grad(out, inputs, torch.ones_like(out))
 
-    v = _median_time(s, lambda: run(lambda: visual(x, text, time_embed, rope, None, sdpa), (x, text)))
-    t = _median_time(s, lambda: run(lambda: text_block(text, time_embed, trope, None), (text,)))
+    v = median_time(s, lambda: run(lambda: visual(x, text, time_embed, rope, None, sdpa), (x, text)))
+    t = median_time(s, lambda: run(lambda: text_block(text, time_embed, trope, None), (text,)))
     return v, t
 
 
 def check_latency(s: Settings) -> list[Row]:
     cfg, nv, nt = s.sizes.block, PRO_DIT.num_visual_blocks, PRO_DIT.num_text_blocks
     fwd_v, fwd_t = _block_times(s, s.sizes.infer_grid, 2, train=False)
-    _free(s)
+    free(s)
     fb_v, fb_t = _block_times(s, s.sizes.train_grid, 1, train=True)
     fwd_train_v, _ = _block_times(s, s.sizes.train_grid, 1, train=False)
-    _free(s)
+    free(s)
     sampling = 50 * (nv * fwd_v + nt * fwd_t)
     step, step_ckpt = nv * fb_v + nt * fb_t, nv * (fb_v + fwd_train_v) + nt * fb_t
     size = "Pro" if cfg == PRO_DIT else f"D={cfg.model_dim}"
@@ -529,6 +383,84 @@ def check_latency(s: Settings) -> list[Row]:
 
 def _tokens(grid) -> int:
     return grid[0] * grid[1] * grid[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. MagCache on a Pro-width DiT (few blocks)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_magcache(s: Settings) -> list[Row]:
+    """Zero threshold == the plain sampler (bit-exact on the GPU too); the official Pro ratios at the official knobs:
+    calls skipped, seconds per video against the full run, latent deviation."""
+    from kandinsky5.model.text_encoders import TextEmbeds
+    from kandinsky5.sampling import magcache as mc
+    from kandinsky5.sampling.pipeline import SamplingSpec, sample_latents
+
+    cfg, (w, h, f) = s.sizes.swap_dit, s.sizes.swap_video
+    dit = random_module(lambda: DiT(cfg), s).eval()
+    spec = SamplingSpec(w, h, f, 6 if s.dry_run else 50, 5.0, 5.0, seed=0)
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = (TextEmbeds(torch.randn(1, n, cfg.in_text_dim, generator=g), torch.ones(1, n, dtype=torch.bool),
+                               torch.randn(1, cfg.in_text_dim2, generator=g)) for n in (40, 24))  # fmt: skip
+    config = mc.MagCacheConfig(mc.official_ratios(get_task("k5-pro-t2v-5s-sd")))
+    runs: dict[str, object] = {}
+
+    def sample(name: str, thresh: float | None):
+        runs[name] = None if thresh is None else dataclasses.replace(config, thresh=thresh).start(spec.steps, True)
+        return sample_latents(dit, cond, uncond, spec, progress=False, cache=runs[name])
+
+    full, zero, cached = sample("full", None), sample("zero", 0.0), sample("magcache", config.thresh)
+    t_full = median_time(s, lambda: sample("full", None))
+    t_mc = median_time(s, lambda: sample("magcache", config.thresh))
+    size = f"D={cfg.model_dim}, {cfg.num_visual_blocks} visual blocks, {w}x{h}x{f}, {spec.steps} steps, CFG"
+    skipped, calls = runs["magcache"].skipped, runs["magcache"].calls
+    err = float((cached - full).norm() / full.norm())
+    return [
+        Row("magcache", f"{size}: threshold 0", "bit-identical to the plain sampler" if torch.equal(zero, full)
+            else f"differs: {rel(zero, full):.2e}", "ok" if torch.equal(zero, full) else "FAIL"),
+        Row("magcache", f"{size}: official k5-pro-t2v-5s-sd ratios, {config.describe().split(', ratios')[0]}",
+            f"{skipped}/{calls} calls skipped, {t_mc:.2f} s vs {t_full:.2f} s per video ({t_full / t_mc:.2f}x), "
+            f"latent rel. L2 {err:.2e} (random weights)", "ok",
+            {"skipped": skipped, "calls": calls, "seconds": t_mc, "seconds_full": t_full, "rel_l2": err}),
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. the activation model (kandinsky5.memory.activations) against torch.cuda.max_memory_allocated
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _activation_cases(s: Settings) -> list:
+    """Pro-size blocks: a LoRA step (fp8, checkpointing, swap 1, rank 32) and a CFG sampling call; tiny on a dry run."""
+    case, step = bench_activations.Case, bench_activations.StepShape
+    if s.dry_run:
+        return [case("tiny fp8 ckpt swap 2", TINY_DIT, step(1, 17, 256, 256, 64),
+                     MemoryConfig(fp8=True, blocks_to_swap=2, gradient_checkpointing=True))]  # fmt: skip
+    frames = 17 if s.quick else 25
+    return [
+        case(f"pro blocks, training 256x256x{frames}, fp8, ckpt, swap 1, rank 32", bench_activations.PRO_BLOCKS,
+             step(1, frames, 256, 256, 256), MemoryConfig(fp8=True, blocks_to_swap=1, gradient_checkpointing=True),
+             rank=32),
+        case(f"pro blocks, training 256x256x{frames}, bf16, no ckpt, rank 32", bench_activations.PRO_BLOCKS,
+             step(1, frames, 256, 256, 256), MemoryConfig(), rank=32),
+        case("pro blocks, sampling 512x512x25 (CFG batch 2), fp8", bench_activations.PRO_BLOCKS,
+             step(2, 25, 512, 512, 256), MemoryConfig(fp8=True), training=False, rank=32),
+    ]  # fmt: skip
+
+
+def check_activation_model(s: Settings) -> list[Row]:
+    """Predicted tensor bytes vs the measured peak (CUDA) or the fake-tensor tracker (dry run); the stated error is
+    3 % (docs/memory.md): ok within it, warn within 10 %, FAIL beyond."""
+    rows = []
+    for case in _activation_cases(s):
+        r = bench_activations.gpu_memory_row(case) if s.cuda else bench_activations.compare(case)
+        measured = r["measured"] if s.cuda else r["tracked"]
+        what = "max_memory_allocated" if s.cuda else "fake-tensor tracker"
+        status = "ok" if abs(r["error"]) <= 0.03 else "warn" if abs(r["error"]) <= 0.10 else "FAIL"
+        result = f"predicted {gib(r['predicted'])}, {what} {gib(measured)} ({r['error']:+.1%})"
+        rows.append(Row("activation_model", case.name, result, status, r))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -549,6 +481,8 @@ CHECKS: list[Check] = [
     Check("fp8", check_fp8),
     Check("memory_bench", check_memory_bench),
     Check("latency", check_latency),
+    Check("magcache", check_magcache),
+    Check("activation_model", check_activation_model),
 ]
 
 
@@ -597,25 +531,28 @@ def _run_checks(s: Settings, names: set[str] | None) -> list[Row]:
         for row in found:
             row.data["check_seconds"] = time.perf_counter() - start
         rows += found
-        _free(s)
+        free(s)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     s = _settings(args)
-    logging.getLogger("kandinsky5").setLevel(logging.WARNING)  # build_dit's plan printout, once per model
     names = set(args.only.split(",")) if args.only else None
     unknown = (names or set()) - {c.name for c in CHECKS}
     if unknown:
         raise SystemExit(f"error: --only {', '.join(sorted(unknown))}: no such check")
     start, threads = time.perf_counter(), torch.get_num_threads()
+    k5_log = logging.getLogger("kandinsky5")
+    level = k5_log.level
+    k5_log.setLevel(logging.WARNING)  # build_dit's plan printout, once per model (restored: tests call main())
     if s.dry_run:
         torch.set_num_threads(1)  # tiny tensors: one thread is faster, and a shared CI machine is not oversubscribed
     try:
         rows = _run_checks(s, names)
     finally:
         torch.set_num_threads(threads)
+        k5_log.setLevel(level)
     header = _header(s)
     table = render(header, rows)
     print(table)

@@ -19,7 +19,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # script -> number of leading columns that describe the configuration (the rest are measurements)
-SCRIPTS = {"bench_sampling.py": 1, "bench_train_step.py": 1, "bench_memory.py": 3, "bench_transients.py": 2}
+SCRIPTS = {
+    "bench_sampling.py": 1,
+    "bench_sampling.py --magcache": 1,
+    "bench_train_step.py": 1,
+    "bench_memory.py": 3,
+    "bench_transients.py": 2,
+    "bench_activations.py": 1,
+    "bench_distributed.py": 2,
+}
 
 
 def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
@@ -38,7 +46,8 @@ def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
 
 
 def run(script: str, full: bool) -> tuple[str, str]:
-    cmd = [sys.executable, str(HERE / script)] + ([] if full else ["--quick"])
+    name, *extra = script.split()
+    cmd = [sys.executable, str(HERE / name), *extra] + ([] if full else ["--quick"])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
     if out.returncode != 0:
         raise SystemExit(f"{script} failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
@@ -65,8 +74,8 @@ def main() -> int:
         for row in rows:
             config = ", ".join(f"{h}={v}" for h, v in zip(header[:keys], row[:keys]))
             results = ", ".join(f"{h}={v}" for h, v in zip(header[keys:], row[keys:]))
-            print(f"| {script[:-3]} | {config} | {results} |")
-        print(f"| {script[:-3]} | setup | {context} |")
+            print(f"| {script.replace('.py', '')} | {config} | {results} |")
+        print(f"| {script.replace('.py', '')} | setup | {context} |")
     return 0
 
 

@@ -27,8 +27,10 @@ One copy of the text per sample: the trainer never repeats it per frame (musubi 
 
 Batching (``BucketBatchSampler``): each dataset's items are grouped by latent shape ``(T, h, w)`` into batches of
 that dataset's ``batch_size`` with ``num_repeats`` (``dataset.buckets.make_batches``), the batches of all datasets
-are shuffled together with ``random.Random(seed + epoch)``, the list is padded by wrapping around to a multiple of
-the world size and rank ``r`` takes batches ``r, r + W, ...``.  ``set_epoch(epoch, skip)`` restarts the order and
+are shuffled together with ``random.Random(seed + epoch)``, the list is padded by wrapping around (as many times as
+needed, so fewer batches than ranks works too) to a multiple of the world size and rank ``r`` takes batches
+``r, r + W, ...``: every rank gets the same number of batches, which DDP and FSDP need (each rank runs the same
+number of forwards and backwards).  ``set_epoch(epoch, skip)`` restarts the order and
 skips the first ``skip`` batches of this rank (exact mid-epoch resume).  Everything is a pure function of
 ``(seed, epoch)``: no RNG state is involved.
 """
@@ -56,10 +58,12 @@ from dataset.cache import (
 )
 from dataset.caching import latent_expect, text_expect
 from dataset.config import DatasetConfig
-from kandinsky5.common import UserError
+from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig, prompt_template
 
 __all__ = ["CachedItem", "discover_items", "LatentDataset", "collate", "BucketBatchSampler"]
+
+log = get_logger(__name__)
 
 _TE_SCRIPT = "kandinsky5_cache_text_encoder_outputs.py"
 _LATENT_SCRIPT = "kandinsky5_cache_latents.py"
@@ -205,13 +209,18 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.items = list(items)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.skip = 0, 0
+        count = len(self._shuffled(0))
+        if count == 0:
+            raise UserError("the dataset config yields no batches (no cached items); check its cache directories")
+        if count < world_size and rank == 0:
+            log.warning("%d batch(es) per epoch for %d processes: some processes repeat batches in every epoch",
+                        count, world_size)  # fmt: skip
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Order of ``epoch``; the first ``skip`` batches of this rank are left out (resume)."""
         self.epoch, self.skip = epoch, skip
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """All ranks' batches of ``epoch`` (before sharding), padded to a multiple of the world size."""
+    def _shuffled(self, epoch: int) -> list[list[int]]:
         batches: list[list[int]] = []
         for index in sorted({it.dataset_index for it in self.items}):
             members = [i for i, it in enumerate(self.items) if it.dataset_index == index]
@@ -224,8 +233,14 @@ class BucketBatchSampler(Sampler[list[int]]):
                 seed=self.seed + epoch,
             )
         random.Random(self.seed + epoch).shuffle(batches)
+        return batches
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All ranks' batches of ``epoch`` (before sharding), padded by wrapping around (several times when there
+        are fewer batches than ranks) to a multiple of the world size."""
+        batches = self._shuffled(epoch)
         pad = -len(batches) % self.world_size
-        return batches + batches[:pad]
+        return batches + [batches[i % len(batches)] for i in range(pad)]
 
     def __iter__(self) -> Iterator[list[int]]:
         mine = self.epoch_batches(self.epoch)[self.rank :: self.world_size]

@@ -4,7 +4,8 @@ The four scripts build their parsers from these groups so that a flag means the 
 
 * :func:`add_model_args` — ``--task``, ``--dit``, ``--vae``, ``--text_encoder_qwen``, ``--text_encoder_clip``;
 * :func:`add_attention_args` — ``--sdpa | --flash_attn | --flash3 | --sage_attn | --xformers`` and the NABLA group;
-* :func:`add_memory_args` — ``--fp8_base``, ``--fp8_scaled``, ``--fp8_fast``, ``--blocks_to_swap``, ...
+* :func:`add_memory_args` — ``--fp8_base``, ``--fp8_scaled``, ``--fp8_fast``, ``--blocks_to_swap``, ...;
+* :func:`add_magcache_args` — ``--magcache`` and its knobs (generation and sampling during training).
 
 :func:`parse_args` reads an optional TOML file (``--config_file``) whose keys must be flag names (unknown keys are an
 error listing the close matches); the command line wins over the file; ``--config_file run`` also finds
@@ -31,6 +32,7 @@ __all__ = [
     "add_model_args",
     "add_attention_args",
     "add_memory_args",
+    "add_magcache_args",
     "add_config_file_arg",
     "HelpFormatter",
     "add_debug_arg",
@@ -110,7 +112,20 @@ def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> 
     g.add_argument("--fp8_base", action="store_true", help="store the DiT's large linear weights in fp8 (e4m3)")
     g.add_argument("--fp8_scaled", action="store_true", help="accepted for musubi compatibility; fp8 is always scaled")
     g.add_argument("--fp8_fast", action="store_true", help="with --fp8_base: fp8 scaled matmul on GPUs that have it")
-    g.add_argument("--blocks_to_swap", type=int, default=0, help="transformer blocks kept in CPU memory and streamed")
+    g.add_argument(
+        "--blocks_to_swap",
+        type=swap_count,
+        default=0,
+        help="transformer blocks kept in CPU memory and streamed (default 0); 'auto': the smallest count whose "
+        "predicted peak fits --vram_budget_gb (training: turning on checkpointing, then its offload, if needed)",
+    )
+    g.add_argument(
+        "--vram_budget_gb",
+        type=float,
+        default=None,
+        help="GPU memory the start-up plan may use, in GiB (a '24 GB' card has 24 GiB); default: the device's "
+        "free memory minus 0.25 GiB; required by --blocks_to_swap auto without CUDA",
+    )
     _add_on_off(
         g, "--use_pinned_memory_for_block_swap", "--no_pinned_memory_for_block_swap",
         "pin the swapped blocks' CPU memory so copies overlap compute (default: on when CUDA is present)",
@@ -128,6 +143,52 @@ def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> 
             action="store_true",
             help="with --gradient_checkpointing: keep the saved block inputs in CPU memory",
         )
+
+
+def add_magcache_args(parser: argparse.ArgumentParser, calibrate: bool = True) -> None:
+    """MagCache step skipping (``kandinsky5/sampling/magcache.py``); defaults are the official ones."""
+    g = parser.add_argument_group("MagCache step skipping (see docs/inference.md)")
+    g.add_argument(
+        "--magcache",
+        action="store_true",
+        help="skip the DiT's visual blocks on steps whose residual is predictable (official MagCache with the "
+        "task's official ratios, or --magcache_ratios); default off",
+    )
+    g.add_argument(
+        "--magcache_thresh",
+        type=float,
+        default=None,
+        help="accumulated-error threshold; higher skips more (default 0.12, official; 0 = never skip)",
+    )
+    g.add_argument(
+        "--magcache_K",
+        type=int,
+        default=None,
+        help="at most K consecutive skipped steps per CFG stream (default 2, official)",
+    )
+    g.add_argument(
+        "--magcache_retention_ratio",
+        type=float,
+        default=None,
+        help="share of the first steps that always run (default 0.2, official)",
+    )
+    g.add_argument("--magcache_ratios", default=None, metavar="FILE",
+                   help="ratios JSON written by --magcache_calibrate instead of the task's official ones "
+                   "(implies --magcache; default: official ratios)")  # fmt: skip
+    if calibrate:
+        g.add_argument("--magcache_calibrate", default=None, metavar="FILE",
+                       help="run every step, measure this model's MagCache ratios and write them to FILE (JSON with "
+                       "task, checkpoint hash, steps) for --magcache_ratios; default off")  # fmt: skip
+
+
+def swap_count(value: str) -> int | str:
+    """``--blocks_to_swap`` value: a block count or ``auto``."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of blocks or 'auto', got {value!r}") from None
 
 
 def add_config_file_arg(parser: argparse.ArgumentParser) -> None:

@@ -119,6 +119,7 @@ class TaskConfig:
     i2v_max_area: int = 512 * 768  # I2V: output area follows the image, resized to about this many pixels
     i2v_divisibility: int = 16  # I2V: output H and W are multiples of this
     description: str = ""
+    official_config: str = ""  # the official ``configs/*.yaml`` this task follows ("" = none); MagCache ratios key
 
     @property
     def is_i2v(self) -> bool:
@@ -189,6 +190,7 @@ _LITE = TaskConfig(
     checkpoint="kandinsky5lite_t2v_sft_5s.safetensors",
     hf_repo="kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s",
     description="Lite 2B text-to-video, 5 s, SFT",
+    official_config="k5_lite_t2v_5s_sft_sd.yaml",
 )
 _PRO = TaskConfig(
     name="k5-pro-t2v-5s-sd",
@@ -198,6 +200,7 @@ _PRO = TaskConfig(
     checkpoint="kandinsky5pro_t2v_sft_5s.safetensors",
     hf_repo="kandinskylab/Kandinsky-5.0-T2V-Pro-sft-5s",
     description="Pro 19B text-to-video, 5 s, SFT (also for the pretrain 5 s checkpoint)",
+    official_config="k5_pro_t2v_5s_sft_sd.yaml",
 )
 _TINY = TaskConfig(
     name="k5-tiny-t2v",
@@ -227,7 +230,14 @@ def _lite(name: str, ckpt: str, repo: str, desc: str, **changes) -> TaskConfig:
 _TASK_LIST = [
     # ---- Pro 19B -------------------------------------------------------------------------------------------
     _PRO,
-    _variant(_PRO, "k5-pro-t2v-5s-hd", nabla=_nabla(0.8), description="Pro 19B text-to-video, 5 s, HD", **_HD),
+    _variant(
+        _PRO,
+        "k5-pro-t2v-5s-hd",
+        nabla=_nabla(0.8),
+        description="Pro 19B text-to-video, 5 s, HD",
+        official_config="k5_pro_t2v_5s_sft_hd.yaml",
+        **_HD,
+    ),
     _variant(
         _PRO,
         "k5-pro-t2v-10s-sd",
@@ -235,6 +245,7 @@ _TASK_LIST = [
         checkpoint="kandinsky5pro_t2v_sft_10s.safetensors",
         hf_repo="kandinskylab/Kandinsky-5.0-T2V-Pro-sft-10s",
         description="Pro 19B text-to-video, 10 s, SFT (also for the pretrain 10 s checkpoint)",
+        official_config="k5_pro_t2v_10s_sft_sd.yaml",
         **_TEN_SECONDS,
     ),
     _variant(
@@ -244,6 +255,7 @@ _TASK_LIST = [
         checkpoint="kandinsky5pro_t2v_sft_10s.safetensors",
         hf_repo="kandinskylab/Kandinsky-5.0-T2V-Pro-sft-10s",
         description="Pro 19B text-to-video, 10 s, HD",
+        official_config="k5_pro_t2v_10s_sft_hd.yaml",
         **_TEN_SECONDS,
         **_HD,
     ),
@@ -254,6 +266,7 @@ _TASK_LIST = [
         checkpoint="kandinsky5pro_i2v_sft_5s.safetensors",
         hf_repo="kandinskylab/Kandinsky-5.0-I2V-Pro-sft-5s",
         description="Pro 19B image-to-video, 5 s",
+        official_config="k5_pro_i2v_5s_sft_sd.yaml",
     ),
     _variant(
         _PRO,
@@ -264,6 +277,7 @@ _TASK_LIST = [
         checkpoint="kandinsky5pro_i2v_sft_5s.safetensors",
         hf_repo="kandinskylab/Kandinsky-5.0-I2V-Pro-sft-5s",
         description="Pro 19B image-to-video, 5 s, HD",
+        official_config="k5_pro_i2v_5s_sft_hd.yaml",
         **_HD,
     ),
     # ---- Lite 2B -------------------------------------------------------------------------------------------
@@ -273,6 +287,7 @@ _TASK_LIST = [
         "kandinsky5lite_t2v_sft_10s.safetensors",
         "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-10s",
         "Lite 2B text-to-video, 10 s, SFT",
+        official_config="k5_lite_t2v_10s_sft_sd.yaml",
         nabla=_nabla(0.9),
         **_TEN_SECONDS,
     ),
@@ -281,12 +296,14 @@ _TASK_LIST = [
         "kandinsky5lite_t2v_pretrain_5s.safetensors",
         "kandinskylab/Kandinsky-5.0-T2V-Lite-pretrain-5s",
         "Lite 2B text-to-video, 5 s, pretrain",
+        official_config="k5_lite_t2v_5s_pretrain_sd.yaml",
     ),
     _lite(
         "k5-lite-t2v-10s-pretrain-sd",
         "kandinsky5lite_t2v_pretrain_10s.safetensors",
         "kandinskylab/Kandinsky-5.0-T2V-Lite-pretrain-10s",
         "Lite 2B text-to-video, 10 s, pretrain",
+        official_config="k5_lite_t2v_10s_pretrain_sd.yaml",
         nabla=_nabla(0.9),
         **_TEN_SECONDS,
     ),
@@ -295,6 +312,7 @@ _TASK_LIST = [
         "kandinsky5lite_t2v_nocfg_5s.safetensors",
         "kandinskylab/Kandinsky-5.0-T2V-Lite-nocfg-5s",
         "Lite 2B text-to-video, 5 s, CFG-distilled (guidance 1)",
+        official_config="k5_lite_t2v_5s_nocfg_sd.yaml",
         guidance=1.0,
     ),
     _lite(
@@ -302,6 +320,7 @@ _TASK_LIST = [
         "kandinsky5lite_t2v_nocfg_10s.safetensors",  # the official yaml points at the sft file: a copy-paste slip
         "kandinskylab/Kandinsky-5.0-T2V-Lite-nocfg-10s",
         "Lite 2B text-to-video, 10 s, CFG-distilled (guidance 1)",
+        official_config="k5_lite_t2v_10s_nocfg_sd.yaml",
         guidance=1.0,
         nabla=_nabla(0.9),
         **_TEN_SECONDS,
@@ -311,6 +330,7 @@ _TASK_LIST = [
         "kandinsky5lite_t2v_distilled16steps_5s.safetensors",
         "kandinskylab/Kandinsky-5.0-T2V-Lite-distilled16steps-5s",
         "Lite 2B text-to-video, 5 s, 16-step distilled",
+        official_config="k5_lite_t2v_5s_distil_sd.yaml",
         steps=16,
         guidance=1.0,
         scheduler_scale=5.0,
@@ -320,6 +340,7 @@ _TASK_LIST = [
         "kandinsky5lite_t2v_distilled16steps_10s.safetensors",
         "kandinskylab/Kandinsky-5.0-T2V-Lite-distilled16steps-10s",
         "Lite 2B text-to-video, 10 s, 16-step distilled",
+        official_config="k5_lite_t2v_10s_distil_sd.yaml",
         steps=16,
         guidance=1.0,
         nabla=_nabla(0.9),
@@ -330,6 +351,7 @@ _TASK_LIST = [
         "kandinsky5lite_i2v_5s.safetensors",
         "kandinskylab/Kandinsky-5.0-I2V-Lite-5s",
         "Lite 2B image-to-video, 5 s",
+        official_config="k5_lite_i2v_5s_sft_sd.yaml",
         mode="i2v",
     ),
     # ---- tiny debug models ---------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ Pro (19,311,325,248 parameters; 2,381,539,328 of them in the fp32 time/modulatio
 * ``--fp8_base``: the 16,911,433,728 block-linear weights go from 2 B to 1 B + 1/16 B (fp32 scale per 64):
   17,968,398,336 B instead of 33,822,867,456 B, i.e. 15,854,469,120 B (15.85 GB) less: 27,531,260,032 B total.
 * each swapped visual block saves 688,079,872 B (bf16) or 436,421,632 B (fp8) of GPU memory.
+
+``--fsdp`` (:func:`sharded_plan`): every tensor is split along dim 0 over the N ranks (FSDP2 pads dim 0 to a
+multiple of N), so a rank keeps about 1/N of the weights; on top, while a step runs, the root's weights (embeddings,
+time MLP, out layer) are gathered whole, and the blocks are gathered one at a time, with the next one prefetched.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ __all__ = [
     "streamed_block_names",
     "storage_dtype",
     "stored_dtypes",
+    "ShardedPlan",
+    "sharded_plan",
 ]
 
 STAGING = 2  # streamed blocks resident at once: the one computing and the one being copied
@@ -161,3 +167,68 @@ def memory_plan(
     staging = min(STAGING, len(per_block)) * max(per_block.values(), default=0)
     swapped = sum(per_block.values())
     return MemoryPlan(params, gpu_fp8, gpu_hp, staging, swapped, baseline, blocks_to_swap, len(streamed))
+
+
+@dataclass(frozen=True)
+class ShardedPlan:
+    """Weight bytes of one rank under ``--fsdp`` (see :func:`sharded_plan`)."""
+
+    world_size: int
+    full: int  # every weight, unsharded (what one GPU holds without sharding)
+    shard: int  # this rank's shards of every tensor (dim 0 padded to a multiple of N, as FSDP2 does)
+    root: int  # the root module's weights, gathered whole for the whole step
+    gather: int  # all-gather buffers: the two largest blocks whole (the computing one and the prefetched one)
+
+    @property
+    def peak(self) -> int:
+        return self.shard + self.root + self.gather
+
+    def table(self) -> str:
+        n = self.world_size
+        rows = [
+            (f"shards (1/{n} of every tensor)", self.shard),
+            ("root weights gathered for the step", self.root),
+            ("all-gather buffers (2 blocks whole)", self.gather),
+            ("peak per rank", self.peak),
+        ]
+        lines = [f"  {'weights per rank, --fsdp over ' + str(n) + ' rank(s)':<44} {'GPU':>10}"]
+        lines += [f"  {name:<44} {_fmt(b):>10}" for name, b in rows]
+        lines.append(f"  unsharded: {_fmt(self.full)} on every GPU; sharding saves {_fmt(self.full - self.peak)}")
+        return "\n".join(lines)
+
+
+def _shard_bytes(t: torch.Tensor, nbytes: int, world_size: int) -> int:
+    rows = t.shape[0] if t.ndim else 1
+    return -(-rows // world_size) * (nbytes // max(rows, 1))
+
+
+def sharded_plan(
+    dit: nn.Module, dtype: torch.dtype, world_size: int, stored: dict[str, torch.dtype] | None = None
+) -> ShardedPlan:
+    """Per-rank weight bytes under ``--fsdp`` over ``world_size`` ranks, from a (meta, fp8-converted) model."""
+    blocks = tuple(f"{n}." for n in block_names(dit))
+    per_block: dict[str, int] = defaultdict(int)
+    full = shard = root = 0
+    for key, t in dit.state_dict().items():
+        nbytes = t.numel() * storage_dtype(key, t, dtype, stored).itemsize
+        full += nbytes
+        shard += _shard_bytes(t, nbytes, world_size)
+        if key.startswith(blocks):
+            per_block[key[: key.index(".", key.index(".") + 1)]] += nbytes
+        else:
+            root += nbytes
+    gather = sum(sorted(per_block.values())[-STAGING:])
+    return ShardedPlan(world_size, full, shard, root, gather)
+
+
+def main(argv=None) -> int:
+    """``python -m kandinsky5.memory_plan``: weights + activations plan and the auto choice (``memory.plan_cli``)."""
+    from kandinsky5.memory.plan_cli import main as plan_main
+
+    return plan_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

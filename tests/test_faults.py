@@ -187,13 +187,13 @@ def test_trainer_real_disk_full(tiny_bundle, toy, tmp_path, capsys, monkeypatch)
     original = run_module._write_checkpoint
     calls = []
 
-    def fill_then_write(run, path, state, rng):
+    def fill_then_write(run, path, state, rng, *gathered):  # gathered: the LoRA state and optimizer files
         calls.append(path)
         if len(calls) == 2:  # fill the disk between the first and the second save
             with open(path.parent / "filler", "wb", buffering=0) as fh, contextlib.suppress(OSError):
                 while True:
                     fh.write(b"\0" * (1 << 16))
-        return original(run, path, state, rng)
+        return original(run, path, state, rng, *gathered)
 
     monkeypatch.setattr(run_module, "_write_checkpoint", fill_then_write)
     monkeypatch.setattr("kandinsky5.train.startup.estimate_output_bytes", lambda *a: 0)  # the 16 MB headroom

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kandinsky5.files import save_torch
 from kandinsky5.train.state import Progress, capture_rng, read_state_dir, state_writers, write_state_dir
 
 
@@ -16,7 +17,9 @@ def test_a_state_saved_from_cuda_loads_onto_the_cpu(tmp_path, monkeypatch):
     param.grad = torch.ones_like(param)
     optimizer.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    writers = state_writers(network, optimizer, scheduler, Progress(1, 0, 1), [capture_rng(torch.Generator())], {})
+    optimizer_files = {"optimizer.pt": lambda p: save_torch(optimizer.state_dict(), p)}
+    rng = [capture_rng(torch.Generator())]
+    writers = state_writers(network.state_dict(), optimizer_files, scheduler, Progress(1, 0, 1), rng, {})
     monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
     write_state_dir(tmp_path / "state", writers)
     monkeypatch.undo()

@@ -62,7 +62,9 @@ def test_i2v_validation_is_the_training_loss_at_fixed_t_and_noise():
     sample = {"latents": b.latents[0], "text_embeds": b.text_embeds[0, :5], "pooled": b.pooled[0],
               "latents_image": b.latents_image[0]}  # fmt: skip
     cfg = SimpleNamespace(weight_dtype=torch.float32, autocast=False, i2v_mode="first_last", task=TINY_I2V)
-    run = SimpleNamespace(cfg=cfg, ctx=DistContext(), dit=dit, network=network, generator=torch.Generator())
+    run = SimpleNamespace(
+        cfg=cfg, ctx=DistContext(), dit=dit, network=network, generator=torch.Generator(), engine=None
+    )
     vcfg = ValidationConfig(timesteps=(0.25, 0.75), seed=5)
     before = torch.get_rng_state()
     result = Validator(["clip|a"], lambda i: collate([sample]), vcfg)(run, step=3)

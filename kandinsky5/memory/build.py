@@ -52,6 +52,7 @@ __all__ = [
     "MemoryConfig",
     "memory_config_from_args",
     "build_dit",
+    "meta_dit",
     "offload_dit",
     "restore_dit",
     "BlockSwapper",
@@ -87,10 +88,13 @@ class MemoryConfig:
     gradient_checkpointing: bool = False  # --gradient_checkpointing (training)
     activation_cpu_offload: bool = False  # --gradient_checkpointing_cpu_offload (training; needs checkpointing)
     offload_during_sampling: bool = False  # --offload_dit_during_sampling
+    auto_swap: bool = False  # --blocks_to_swap auto: resolved by kandinsky5.memory.planner before loading
+    vram_budget_gb: float | None = None  # --vram_budget_gb (GiB); None: the device's free memory
 
     def describe(self) -> str:
         fp8_txt = f"fp8 {'on' if self.fp8 else 'off'}" + (" (fast matmul)" if self.fp8_fast else "")
-        swap = f"block swap {self.blocks_to_swap}" + (" (pageable)" if self.blocks_to_swap and not self.pinned else "")
+        swap = "block swap auto" if self.auto_swap else f"block swap {self.blocks_to_swap}"
+        swap += " (pageable)" if self.blocks_to_swap and not self.pinned else ""
         ckpt = "gradient checkpointing " + ("on" if self.gradient_checkpointing else "off")
         ckpt += " (+ CPU activation offload)" if self.activation_cpu_offload else ""
         off = "offload during sampling " + ("on" if self.offload_during_sampling else "off")
@@ -102,8 +106,9 @@ def memory_config_from_args(args) -> MemoryConfig:
     fp8_on = bool(args.fp8_base or args.fp8_scaled)
     if args.fp8_fast and not fp8_on:
         raise UserError("--fp8_fast needs --fp8_base (it is the matmul of fp8 weights); add --fp8_base")
-    if args.blocks_to_swap < 0:
-        raise UserError(f"--blocks_to_swap must be >= 0, got {args.blocks_to_swap}")
+    auto = args.blocks_to_swap == "auto"
+    if not auto and args.blocks_to_swap < 0:
+        raise UserError(f"--blocks_to_swap must be >= 0 or auto, got {args.blocks_to_swap}")
     ckpt = bool(getattr(args, "gradient_checkpointing", False))
     offload = bool(getattr(args, "gradient_checkpointing_cpu_offload", False))
     if offload and not ckpt:
@@ -116,11 +121,13 @@ def memory_config_from_args(args) -> MemoryConfig:
     return MemoryConfig(
         fp8=fp8_on,
         fp8_fast=bool(args.fp8_fast),
-        blocks_to_swap=int(args.blocks_to_swap),
+        blocks_to_swap=0 if auto else int(args.blocks_to_swap),
         pinned=args.use_pinned_memory_for_block_swap is not False,
         gradient_checkpointing=ckpt,
         activation_cpu_offload=offload,
         offload_during_sampling=bool(args.offload_dit_during_sampling),
+        auto_swap=auto,
+        vram_budget_gb=getattr(args, "vram_budget_gb", None),
     )
 
 
@@ -273,6 +280,21 @@ def _load_transform(quantize: set[str], streamed: list[str], device: torch.devic
     return LoadTransform(fn, frozenset(f"{m}.scale_weight" for m in quantize))
 
 
+def meta_dit(task: TaskConfig, dit_path: str | Path, attention: AttentionSpec | None, memory: MemoryConfig):
+    """(meta DiT with the fp8 layers of ``memory`` in place, checkpoint header, modules to quantise while loading,
+    the conversion to apply to another meta copy) -- no tensor data is read."""
+    header = read_header(checkpoint_files(dit_path))
+    with torch.device("meta"):
+        meta = DiT(task.dit, attention)
+    prequant, quantize = _fp8_layout(meta, memory, header)
+
+    def convert(model: DiT) -> None:
+        fp8.convert_to_fp8(model, fast=memory.fp8_fast, targets=[*prequant, *sorted(quantize)], scale_shapes=prequant)
+
+    convert(meta)
+    return meta, header, quantize, convert
+
+
 def build_dit(
     task: TaskConfig,
     dit_path: str | Path,
@@ -286,15 +308,7 @@ def build_dit(
     device = torch.device(device)
     if memory.fp8_fast:
         fp8.check_fp8_fast(device)
-    header = read_header(checkpoint_files(dit_path))
-    with torch.device("meta"):
-        meta = DiT(task.dit, attention)
-    prequant, quantize = _fp8_layout(meta, memory, header)
-
-    def convert(model: DiT) -> None:
-        fp8.convert_to_fp8(model, fast=memory.fp8_fast, targets=[*prequant, *sorted(quantize)], scale_shapes=prequant)
-
-    convert(meta)
+    meta, header, quantize, convert = meta_dit(task, dit_path, attention, memory)
     streamed = streamed_block_names(meta, memory.blocks_to_swap)
     plan = memory_plan(meta, dtype, memory.blocks_to_swap, stored=stored_dtypes(header))
     log.info("memory: %s", memory.describe())

@@ -28,8 +28,10 @@ diffusers and musubi do even in fp32 models).
 Text of different lengths batches exactly: padded keys are masked in text self-attention and in every
 cross-attention, and real tokens keep positions 0..L_i-1, so each sample gets the output it would get alone.
 
-This file knows nothing about fp8, block swap, checkpointing or flags: those attach from outside through the plain
-``text_transformer_blocks`` / ``visual_transformer_blocks`` ModuleLists.
+This file knows nothing about fp8, block swap, checkpointing, step caching or flags: those attach from outside
+through the plain ``text_transformer_blocks`` / ``visual_transformer_blocks`` ModuleLists, and step caching
+(MagCache, ``kandinsky5/sampling/magcache.py``) through ``forward(..., visual_blocks=fn)``, which replaces
+``run_visual_blocks`` (the loop over the visual blocks, on tokens (B, S, D)) for one call.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ from kandinsky5.model.nabla import TILE, fractal_permutation, nabla_attention, s
 __all__ = ["DiT", "AttentionSpec"]
 
 ROPE_THETA = 10000.0
+
+# visual_blocks(run_visual_blocks, tokens, text, time_embed, rope, text_mask, self_attend) -> tokens
+VisualBlocksFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -325,6 +330,14 @@ class DiT(nn.Module):
 
     # -- forward pieces -----------------------------------------------------------------------------------------
 
+    def run_visual_blocks(self, tokens, text, time_embed, rope, text_mask, self_attend) -> torch.Tensor:
+        """The visual decoder stack: tokens (B, S, D), text (B, L, D), time_embed (B, Tm), text_mask (B, L) or None.
+
+        Rows are independent, so any subset of rows (with its rows of text / time_embed / mask) may run alone."""
+        for block in self.visual_transformer_blocks:
+            tokens = block(tokens, text, time_embed, rope, text_mask, self_attend)
+        return tokens
+
     def embed_text(self, text_embed, text_mask, time_embed):
         """Project and refine the text: (B, L, 3584) -> (B, L, D)."""
         text = self.text_embeddings(text_embed)
@@ -351,8 +364,12 @@ class DiT(nn.Module):
         pooled_text_embed: torch.Tensor,
         time: torch.Tensor,
         scale_factor: tuple[float, float, float] = (1.0, 2.0, 2.0),
+        visual_blocks: VisualBlocksFn | None = None,
     ) -> torch.Tensor:
-        """Predict the velocity (B, T, H, W, 16) for latents x (B, T, H, W, C_in); see the module docstring."""
+        """Predict the velocity (B, T, H, W, 16) for latents x (B, T, H, W, C_in); see the module docstring.
+
+        ``visual_blocks`` replaces :meth:`run_visual_blocks` for this call (step caching such as MagCache decides
+        there, outside the blocks); it gets ``run_visual_blocks`` and the same arguments."""
         if text_mask is not None and bool(text_mask.all()):
             text_mask = None  # nothing padded: skip the mask (same result, faster kernels)
         time_embed = self.time_embeddings(time) + self.pooled_text_embeddings(pooled_text_embed).float()
@@ -366,8 +383,11 @@ class DiT(nn.Module):
         del visual  # keep only the shape: the embedding output is not needed after the first block
         if perm is not None:
             tokens, rope = tokens[:, perm], (rope[0][perm], rope[1][perm])
-        for block in self.visual_transformer_blocks:
-            tokens = block(tokens, text, time_embed, rope, text_mask, self_attend)
+        if visual_blocks is None:  # the loop inline: a call would keep its input tokens alive through every block
+            for block in self.visual_transformer_blocks:
+                tokens = block(tokens, text, time_embed, rope, text_mask, self_attend)
+        else:
+            tokens = visual_blocks(self.run_visual_blocks, tokens, text, time_embed, rope, text_mask, self_attend)
         if perm is not None:
             tokens = tokens[:, torch.argsort(perm)]
         return self.out_layer(tokens.view(shape), time_embed)

@@ -41,6 +41,8 @@ __all__ = [
     "file_fingerprint",
     "FP32_PARAMS",
     "LoadTransform",
+    "check_checkpoint_fits",
+    "iter_row_slices",
 ]
 
 log = get_logger(__name__)
@@ -116,6 +118,29 @@ def _check_fit(task: TaskConfig, expected: dict[str, tuple[int, ...]], found: di
     )
 
 
+def check_checkpoint_fits(
+    task: TaskConfig, dit: torch.nn.Module, files: list[Path], adds: frozenset[str] = frozenset(), name: str = ""
+) -> dict[str, tuple[int, ...]]:
+    """Strict fit of the checkpoint ``files`` to the (meta) model ``dit``; ``adds`` are keys a loader makes itself.
+    Returns key -> expected shape; a misfit is a one-line ``UserError``."""
+    expected = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
+    made = {k: (expected[k], "made by transform", None) for k in adds if k in expected}
+    _check_fit(task, expected, {**made, **read_header(files)}, name or str(files[0]))
+    return expected
+
+
+def iter_row_slices(files: list[Path], rows: dict[str, tuple[int, int]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (stripped key, CPU tensor of rows [start, stop) along dim 0) for the keys in ``rows``, reading only those
+    rows from the memory-mapped files (what one rank of a sharded load keeps)."""
+    for file in files:
+        with open_safetensors(file, "--dit") as f:
+            for raw in f.keys():
+                key = _strip(raw)
+                if key in rows:
+                    start, stop = rows[key]
+                    yield key, f.get_slice(raw)[start:stop]
+
+
 def iter_tensors(files: list[Path], keys: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (stripped key, CPU tensor) one at a time from memory-mapped files."""
     for file in files:
@@ -145,10 +170,7 @@ def load_dit(
         dit = DiT(task.dit, attention)
     if convert is not None:
         convert(dit)
-    expected = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
-    found = read_header(files)
-    made = {k: (expected[k], "made by transform", None) for k in (transform.adds if transform else ()) if k in expected}
-    _check_fit(task, expected, {**made, **found}, str(path))
+    expected = check_checkpoint_fits(task, dit, files, transform.adds if transform else frozenset(), str(path))
     state = {}
     for key, tensor in iter_tensors(files, expected):
         if transform is not None:

@@ -26,6 +26,8 @@ Sampler (official ``generation_utils.generate``; ``architecture.md`` 4.2-4.5)
   ``normalize_first_frame`` renormalises latent frames 0-3 toward frames 4-8 (per-frame mean/std, reference
   statistics clamped).  Official code produces NaN when the video has 2-4 latent frames (empty reference);
   we skip the normalisation there.
+* MagCache (``magcache.py``, ``Kandinsky5Pipeline(magcache=...)``): per step the loop asks the run for the DiT
+  call's ``visual_blocks`` (cond stream 0, uncond stream 1), which runs or skips the visual blocks per stream.
 * First+last (our extension; official and diffusers have no such mode, musubi's ``--image_last`` is a no-op): the
   same replacement and mask for the last latent frame.  The last-frame image is encoded as a 1-frame video, like
   the first, so its latent is a "single frame" latent placed where the VAE expects a 4-frame group.
@@ -225,13 +227,18 @@ def _cfg_text(cond: TextEmbeds, uncond: TextEmbeds | None, guidance: float) -> T
     return TextEmbeds.pad_stack(items)
 
 
-def _velocity(dit, model_in: torch.Tensor, text: TextEmbeds, t: torch.Tensor, spec: SamplingSpec, dtype):
-    """One batched DiT call (cond rows, then uncond rows when CFG is on) -> guided velocity in fp32."""
+def _velocity(
+    dit, model_in: torch.Tensor, text: TextEmbeds, t: torch.Tensor, spec: SamplingSpec, dtype, cache=None, step: int = 0
+):
+    """One batched DiT call (cond rows, then uncond rows when CFG is on) -> guided velocity in fp32.
+
+    ``cache`` (a MagCache run, see ``magcache.py``) supplies the call's ``visual_blocks`` for step ``step``."""
     batch = model_in.shape[0]
     cfg = flow.needs_uncond(spec.guidance)
     x = torch.cat([model_in, model_in]) if cfg else model_in
     time = flow.dit_time(t).expand(x.shape[0]).to(x.device)
-    v = dit(x.to(dtype), text.embeds, text.mask, text.pooled, time, scale_factor=spec.rope_scale).float()
+    extra = {} if cache is None else {"visual_blocks": cache.blocks(step, (0, 1) if cfg else (0,))}
+    v = dit(x.to(dtype), text.embeds, text.mask, text.pooled, time, scale_factor=spec.rope_scale, **extra).float()
     if not cfg:
         return v
     v_cond, v_uncond = v.split(batch)
@@ -249,12 +256,14 @@ def sample_latents(
     progress: bool = True,
     *,
     noise: torch.Tensor | None = None,
+    cache=None,
 ) -> torch.Tensor:
     """Denoise ``initial_noise(spec, len(cond))`` (or ``noise``) -> (B, T, h, w, 16) fp32 latents on the CPU.
 
     ``dit(x, text_embed, text_mask, pooled, time, scale_factor)`` is any module with the DiT's signature; its device
     and compute dtype are read from its parameters.  ``uncond`` may hold one row (shared) or one per prompt; it is
-    unused when ``|guidance - 1| <= 1e-6``.
+    unused when ``|guidance - 1| <= 1e-6``.  ``cache``: a ``MagCacheConfig.start`` (or calibration) run for this
+    video, or None; it needs the DiT's ``visual_blocks`` argument.
     """
     device, dtype = _placement(dit)
     x = (initial_noise(spec, len(cond)) if noise is None else noise.float()).to(device)
@@ -268,8 +277,10 @@ def sample_latents(
     for k in tqdm(range(spec.steps), desc="denoising", disable=not progress, leave=False):
         paste_condition(x, first, last)
         model_in = dit_input(x, first is not None, last is not None) if visual_cond else x
-        v = _velocity(dit, model_in, text, sigmas[k], spec, dtype)
+        v = _velocity(dit, model_in, text, sigmas[k], spec, dtype, cache, k)
         x = flow.euler_step(x, v, sigmas[k], sigmas[k + 1])
+    if cache is not None:
+        cache.finish()
     paste_condition(x, first, last)
     if first is not None:
         x = normalize_first_frame(x)
@@ -423,9 +434,11 @@ class Kandinsky5Pipeline:
         dtype: torch.dtype = torch.bfloat16,
         qwen_4bit: bool = False,
         vae_tiling: bool = False,
+        magcache=None,
         vae_dtype: torch.dtype | None = None,
     ):
         self.task = task
+        self.magcache = magcache  # MagCacheConfig / magcache.Calibrator (anything with .start(steps, cfg)) or None
         self.device, self.dtype = torch.device(device), dtype
         self.vae_dtype = vae_dtype or dtype
         self._paths = {"qwen": text_encoder_qwen, "clip": text_encoder_clip, "vae": vae_path}
@@ -526,7 +539,8 @@ class Kandinsky5Pipeline:
         self.encode_prompts([r])
         cond = self.embeds([r.prompt], template)
         uncond = self.embeds([r.negative_prompt], template) if flow.needs_uncond(r.spec.guidance) else None
-        return sample_latents(dit, cond, uncond, r.spec, prepared.first, prepared.last, progress)
+        cache = None if self.magcache is None else self.magcache.start(r.spec.steps, uncond is not None)
+        return sample_latents(dit, cond, uncond, r.spec, prepared.first, prepared.last, progress, cache=cache)
 
     def generate_iter(
         self,

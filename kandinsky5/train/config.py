@@ -14,12 +14,14 @@ import torch
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.model import flow
+from kandinsky5.train.distributed import DistributedConfig
 from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig
 from kandinsky5.train.tracker import TrackerConfig
 
 if TYPE_CHECKING:
     from kandinsky5.memory.build import MemoryConfig
     from kandinsky5.model.dit import AttentionSpec
+    from kandinsky5.sampling.magcache import MagCacheConfig
 
 
 log = get_logger(__name__)
@@ -94,6 +96,7 @@ class SampleConfig:
     text_encoder_qwen: str | None = None
     text_encoder_clip: str | None = None
     vae: str | None = None
+    magcache: MagCacheConfig | None = None  # --magcache: step skipping while sampling
     vae_dtype: torch.dtype | None = None  # --vae_dtype (default: the DiT weight dtype)
 
     @property
@@ -148,6 +151,7 @@ class TrainConfig:
     num_workers: int = 1
     persistent_workers: bool = False
     resume: Path | None = None
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     overwrite: bool = False  # --overwrite: an earlier run's files in --output_dir may be replaced
     allow_stale_cache: bool = False  # --allow_stale_cache: caches made with other settings only warn
     tracking: TrackerConfig = field(default_factory=TrackerConfig)

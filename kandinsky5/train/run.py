@@ -21,7 +21,7 @@ import torch
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.files import WriteError, guarded_write
 from kandinsky5.train.config import TrainConfig
-from kandinsky5.train.distributed import DistContext, broadcast_object, gather_rng
+from kandinsky5.train.distributed import DistContext, Engine, broadcast_object, gather_rng
 from kandinsky5.train.optim import optimizer_class_name, optimizer_name
 from kandinsky5.train.sampler import TrainingSampler
 from kandinsky5.train.state import (
@@ -62,6 +62,7 @@ class Run:
     validator: Any = None  # kandinsky5.train.validation.Validator, None without validation items
     monitor: Any = None  # kandinsky5.train.monitor.Monitor: console, trackers, history (saved in the state)
     started_at: float = field(default_factory=time.time)
+    engine: Engine | None = None  # single process, DDP or FSDP (kandinsky5.train.distributed)
     datasets: list | None = None  # ss_datasets summary (dataset.summary)
     base_sha256: str | None = None  # full sha256 of the base checkpoint (None with --no_metadata)
 
@@ -89,8 +90,7 @@ def resume_run(run: Run, path: Path) -> None:
             f"--resume {path} was saved by {meta['world_size']} process(es); resume with the same --num_processes "
             "(the data order and RNG streams are per process)"
         )
-    run.network.load_state_dict(network_sd)
-    run.optimizer.load_state_dict(opt_sd)
+    run.engine.load_state(run.optimizer, network_sd, opt_sd)
     run.scheduler.load_state_dict(sched_sd)
     _recompute_lr(run.scheduler)
     restore_rng(rng[run.ctx.rank], run.generator)
@@ -142,38 +142,46 @@ def lora_metadata(run: Run) -> dict[str, object]:
 
 
 def save_checkpoint(run: Run, stem: str, state: bool) -> None:
-    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather.
+    """Rank 0 writes ``<stem>.safetensors`` (and ``<stem>-state/``); every rank takes part in the RNG gather and,
+    under --fsdp, in gathering the LoRA and writing the sharded optimizer state.
 
     The LoRA file and its state directory are written completely under temporary names before either is renamed,
     so a failed save (disk full, ...) leaves both as they were, and they always come from the same step.  A failure
     stops every rank with one line naming the last good checkpoint.
     """
-    cfg = run.cfg
+    cfg, engine = run.cfg, run.engine
     rng = gather_rng(run.ctx, run.generator) if state else []
-    error = None
-    if run.ctx.is_main:
-        try:
-            _write_checkpoint(run, cfg.save.output_dir / f"{stem}.safetensors", state, rng)
-        except WriteError as exc:
-            what = f"{stem}.safetensors" + (f" and {stem}-state" if state else "")
-            error = (
-                f"cannot save {what} in {cfg.save.output_dir}: {exc.reason}; nothing was replaced, last good "
-                f"checkpoint: {run.last_checkpoint or 'none written yet'} (free space, then --resume a state)"
-            )
+    network_sd = engine.network_state()  # collective under --fsdp
+    error, optimizer_files = None, {}
+    try:
+        if state:  # collective under --fsdp: every rank writes its optimizer shard
+            staging = cfg.save.output_dir / f".{stem}-state.optimizer-tmp"
+            optimizer_files = engine.optimizer_files(run.optimizer, staging)
+        if run.ctx.is_main:
+            path = cfg.save.output_dir / f"{stem}.safetensors"
+            _write_checkpoint(run, path, state, rng, network_sd, optimizer_files)
+    except WriteError as exc:
+        what = f"{stem}.safetensors" + (f" and {stem}-state" if state else "")
+        error = (
+            f"cannot save {what} in {cfg.save.output_dir}: {exc.reason}; nothing was replaced, last good "
+            f"checkpoint: {run.last_checkpoint or 'none written yet'} (free space, then --resume a state)"
+        )
     error = broadcast_object(run.ctx, error) if run.ctx.distributed else error
     if error is not None:
         raise UserError(error)
     run.ctx.barrier()
 
 
-def _write_checkpoint(run: Run, path: Path, state: bool, rng: list[dict]) -> None:
+def _write_checkpoint(run: Run, path: Path, state: bool, rng: list[dict], network_sd: dict, optimizer_files) -> None:
     cfg = run.cfg
     with guarded_write(path, "LoRA") as tmp:  # renamed only after the state directory is complete
-        run.module.save_lora(tmp, run.network, lora_metadata(run), format=cfg.save.format, dtype=cfg.save.precision)
+        network = run.engine.saveable_network(network_sd)
+        run.module.save_lora(tmp, network, lora_metadata(run), format=cfg.save.format, dtype=cfg.save.precision)
         if run.monitor is not None:
             run.monitor.on_save(run.progress.step, path)  # recorded in the history (saved in the state); loss.png
         if state:
-            writers = state_writers(run.network, run.optimizer, run.scheduler, run.progress, rng, state_info(run, path))
+            info = {**state_info(run, path), "sharded": run.engine.sharded}
+            writers = state_writers(network_sd, optimizer_files, run.scheduler, run.progress, rng, info)
             if run.monitor is not None:
                 writers.update(run.monitor.state_files())
             state_dir = write_state_dir(path.with_name(f"{path.stem}-state"), writers)

@@ -75,11 +75,15 @@ class TrainingSampler:
     """Prompts from ``--sample_prompts`` encoded once (text encoders then freed), images encoded once; each call
     denoises with the current LoRA, decodes with the VAE and writes ``<output_dir>/sample/<name>_<step>_<i>.mp4``.
 
-    Global RNG states are restored afterwards, so sampling never changes the training trajectory.
+    Global RNG states are restored afterwards, so sampling never changes the training trajectory.  Under --fsdp every
+    rank runs the sampler (each DiT forward all-gathers the shards of all ranks) and only the one with ``writes``
+    writes files.
     """
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, requests: list[pipeline.GenerationRequest]):
-        self.cfg, self.task, self.requests = cfg, cfg.task, requests
+    def __init__(
+        self, cfg: TrainConfig, device: torch.device, requests: list[pipeline.GenerationRequest], writes: bool = True
+    ):
+        self.cfg, self.task, self.requests, self.writes = cfg, cfg.task, requests, writes
         self.out_dir = cfg.save.output_dir / "sample"
         s = cfg.sample
         self.pipeline = pipeline.Kandinsky5Pipeline(
@@ -89,6 +93,7 @@ class TrainingSampler:
             vae_path=s.vae,
             device=device,
             dtype=cfg.weight_dtype,
+            magcache=s.magcache,
             vae_dtype=s.vae_dtype,
         )
         self.prepared: list[pipeline.PreparedRequest] = []
@@ -131,6 +136,8 @@ class TrainingSampler:
             network.train(was_training)
             restore_rng(rng, generator)
             self._park_vae()
+        if not self.writes:
+            return outputs
         contact_sheet([SheetRow(o.label(step), o.frames) for o in outputs], self.sheet_path(step))
         log.info("step %d: wrote %d sample(s) and the contact sheet %s", step, len(outputs), self.sheet_path(step))
         return outputs
@@ -142,6 +149,8 @@ class TrainingSampler:
         results = self.pipeline.generate_iter(dit, self.prepared, offload_dit=offload, progress=False)
         outputs = []
         for i, result in enumerate(results):
+            if not self.writes:
+                continue
             stem = self.out_dir / f"{self.cfg.save.output_name}_{step:06d}_{i:02d}_{result.request.spec.seed}"
             meta = {**result.metadata, "training_step": str(step)}
             if result.frames.shape[0] == 1:

@@ -3,7 +3,7 @@
 1. the output files: an earlier run's ``<name>.safetensors``, ``<name>-state/``, step / epoch files or samples
    in ``--output_dir`` are refused unless ``--overwrite`` or ``--resume`` of one of that run's own states;
 2. ``--resume``: the state's ``progress.json`` and ``network.safetensors`` header must match this run (task,
-   process count, optimizer class, mixed precision, network module, rank, alpha, targets);
+   process count, --fsdp or not, optimizer class, mixed precision, network module, rank, alpha, targets);
 3. ``--network_weights`` and ``--dit``: the files are complete safetensors, a recorded ``k5_task`` of another
    family is a warning, and a LoRA whose shapes do not fit the network is an error;
 4. ``--output_dir`` (and ``--logging_dir``) can be written and have room for the checkpoints this run keeps
@@ -158,6 +158,9 @@ def check_resume(cfg: TrainConfig, world_size: int, net: MetaNetwork | None) -> 
     for what, saved, asked in pairs:
         if saved is not None and saved != asked:
             raise _mismatch(path, what, saved, asked)
+    if meta["sharded"] != cfg.distributed.fsdp:
+        saved = "with --fsdp" if meta["sharded"] else "without --fsdp"
+        raise UserError(f"--resume {path} was saved {saved}; resume {saved} (the optimizer state layout differs)")
     targets = {k: meta.get("network_args", {}).get(k) for k in ("include_patterns", "exclude_patterns")}
     asked_targets = {k: repr(n.args[k]) if k in n.args else None for k in targets}
     if "network_args" in meta and targets != asked_targets:
@@ -166,7 +169,7 @@ def check_resume(cfg: TrainConfig, world_size: int, net: MetaNetwork | None) -> 
     asked_plus = "on" if "loraplus_lr_ratio" in n.args else "off"
     if "network_args" in meta and saved_plus != asked_plus:  # the optimizer's parameter groups differ
         raise _mismatch(path, "LoRA+ (--network_args loraplus_lr_ratio)", saved_plus, asked_plus)
-    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+    for name in ("scheduler.pt", "rng.pt") if meta["sharded"] else ("optimizer.pt", "scheduler.pt", "rng.pt"):
         _check_torch_file(path / name)
     if net is not None:
         _check_state_shapes(path, net)

@@ -4,8 +4,9 @@ directories and the rotation of numbered checkpoints.
 A state *directory* is created under a temporary name and renamed when complete
 (:func:`write_state_dir`), so a crash never leaves a half-written state.  It holds::
 
-    network.safetensors   LoRA parameters + alpha buffers (the network module's own state_dict)
-    optimizer.pt          optimizer.state_dict()
+    network.safetensors   LoRA parameters + alpha buffers (the network module's own state_dict, whole)
+    optimizer.pt          optimizer.state_dict() -- or, under --fsdp, optimizer/: the sharded optimizer state as a
+                          torch.distributed.checkpoint directory (one file per rank + .metadata)
     scheduler.pt          LR scheduler state_dict()
     rng.pt                per rank: python / numpy / torch CPU / CUDA RNG states + the noise generator's state
     progress.json         format, step, epoch, batches done in the epoch, seed, world size, task, LoRA file name,
@@ -112,49 +113,55 @@ def write_state_dir(path: Path, writers: Mapping[str, Callable[[Path], None]]) -
 
 
 def state_writers(
-    network: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    network_sd: Mapping[str, torch.Tensor],
+    optimizer_files: Mapping[str, Callable[[Path], None]],
     scheduler,
     progress: Progress,
     rng: list[dict],
     info: Mapping[str, Any],
 ) -> dict[str, Callable[[Path], None]]:
-    """What a state directory holds (see ``read_state_dir``)."""
-    lora = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    """What a state directory holds (see ``read_state_dir``); ``optimizer_files`` come from the training engine
+    (``optimizer.pt``, or the sharded ``optimizer/`` directory under --fsdp)."""
+    lora = {k: v.detach().cpu().contiguous() for k, v in network_sd.items()}
     meta = {"format": STATE_FORMAT, **progress.to_json(), **info}
     return {
         "network.safetensors": lambda p: save_safetensors(lora, p),
-        "optimizer.pt": lambda p: save_torch(optimizer.state_dict(), p),
+        **optimizer_files,
         "scheduler.pt": lambda p: save_torch(scheduler.state_dict(), p),
         "rng.pt": lambda p: save_torch(rng, p),
         "progress.json": lambda p: write_text(p, json.dumps(meta, indent=1)),  # last: its presence marks a full state
     }
 
 
-_STATE_FILES = ("progress.json", "network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
+_STATE_FILES = ("progress.json", "network.safetensors", "scheduler.pt", "rng.pt")
 
 
 def read_progress(path: Path) -> dict:
-    """``progress.json`` of a state directory, checked for the files and the format (no tensors are read)."""
+    """``progress.json`` of a state directory, checked for the files and the format (no tensors are read);
+    ``sharded`` is set when the optimizer state is a ``torch.distributed.checkpoint`` directory (--fsdp)."""
     path = Path(path)
     missing = [n for n in _STATE_FILES if not (path / n).is_file()]
+    sharded = (path / "optimizer" / ".metadata").is_file()
+    if not sharded and not (path / "optimizer.pt").is_file():
+        missing.append("optimizer.pt")
     if not path.is_dir() or missing:
         raise UserError(f"--resume {path}: not a training state directory (missing {', '.join(missing) or path})")
     meta = read_json(path / "progress.json", "--resume")
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise UserError(f"--resume {path}: state format {found} is not {STATE_FORMAT}")
-    return meta
+    return {**meta, "sharded": sharded}
 
 
-def read_state_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict, list[dict]]:
-    """(progress json, network state dict, optimizer state, scheduler state, per-rank RNG states)."""
+def read_state_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict | Path, dict, list[dict]]:
+    """(progress json, network state dict, optimizer state -- or the path of a sharded one, scheduler state,
+    per-rank RNG states)."""
     path = Path(path)
     meta = read_progress(path)
     return (
         meta,
         load_safetensors(path / "network.safetensors", "--resume")[0],
-        load_torch(path / "optimizer.pt", "--resume"),
+        path / "optimizer" if meta["sharded"] else load_torch(path / "optimizer.pt", "--resume"),
         load_torch(path / "scheduler.pt", "--resume"),
         load_torch(path / "rng.pt", "--resume", weights_only=False),  # python/numpy RNG tuples; our own file
     )

@@ -1,22 +1,21 @@
-"""The optimizer step of LoRA training: gradient all-reduce, finiteness check (a NaN/inf stops every rank before
-the weights change), clipping, optimizer and LR schedule.
+"""The optimizer step of LoRA training: loss averaged over ranks, finiteness check (a NaN/inf stops every rank before
+the weights change), global-norm clipping, optimizer and LR schedule.
+
+The gradients arrive already averaged over ranks: DDP all-reduces them during backward, FSDP reduce-scatters them to
+1/N shards (``kandinsky5.train.distributed``).  Under FSDP the gradients are DTensor shards; the clip norm is then
+the global norm over every shard (``clip_grad_norm_`` reduces DTensors), the same number as in one process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kandinsky5.common import UserError, get_logger
-from kandinsky5.train.distributed import DistContext, _all_reduce_mean_
-
-if TYPE_CHECKING:
-    pass
-
+from kandinsky5.train.distributed import DistContext, all_reduce_mean
 
 log = get_logger(__name__)
 
@@ -32,6 +31,15 @@ class StepStats:
     lr: float
 
 
+def clip_gradients(params: Sequence[torch.nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+    """Clip to ``max_grad_norm`` (0 = measure only); returns the global norm before clipping, a plain tensor."""
+    if not any(p.grad is not None for p in params):
+        return torch.zeros(())
+    clip = max_grad_norm if max_grad_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def finish_step(
     ctx: DistContext,
     params: Sequence[torch.nn.Parameter],
@@ -42,19 +50,18 @@ def finish_step(
     max_grad_norm: float,
     grad_scale: float = 1.0,
 ) -> StepStats:
-    """Average grads and loss over ranks, refuse non-finite values, clip, step optimizer and LR schedule.
+    """Average the loss over ranks, refuse non-finite values, clip, step optimizer and LR schedule.
 
     ``loss_sum`` is the sum of the (unscaled) micro-batch losses of this step on this rank; ``grad_scale`` fixes the
     gradient of a short accumulation at the end of an epoch (``accumulation / micro_batches``).  Raises
-    ``NonFiniteLoss`` *before* the weights change, on every rank at once (the flag travels in the all-reduce).
+    ``NonFiniteLoss`` *before* the weights change, on every rank at once (the loss is all-reduced and the gradient
+    norm is a function of the rank-averaged gradients).
     """
+    loss = all_reduce_mean(ctx, loss_sum / micro_batches)
     grads = [p.grad for p in params if p.grad is not None]
-    loss = (loss_sum.detach().float() / micro_batches).reshape(1)
-    _all_reduce_mean_(ctx, [*grads, loss])
-    if grad_scale != 1.0:
+    if grad_scale != 1.0 and grads:
         torch._foreach_mul_(grads, grad_scale)
-    clip = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if grads else torch.zeros(())
+    grad_norm = clip_gradients(params, max_grad_norm)
     loss_value, norm_value = float(loss), float(grad_norm)
     if not (np.isfinite(loss_value) and np.isfinite(norm_value)):
         optimizer.zero_grad(set_to_none=True)

@@ -148,8 +148,12 @@ class Validator:
         """(items, timesteps) float64 matrix of losses, complete on every rank."""
         ctx: DistContext = run.ctx
         out = torch.zeros(len(self.keys), len(self.cfg.timesteps), dtype=torch.float64, device=ctx.device)
-        for row in range(ctx.rank, len(self.keys), ctx.world_size):
+        rows = range(ctx.rank, len(self.keys), ctx.world_size)
+        for row in rows:
             out[row] = self._item_losses(run, row)
+        if run.engine is not None and run.engine.sharded:  # FSDP: every rank must make the same number of forwards
+            for _ in range(-(-len(self.keys) // ctx.world_size) - len(rows)):
+                self._item_losses(run, 0)  # gathers the shards with the others; the result is not used
         if ctx.distributed:
             dist.all_reduce(out)  # SUM: every other rank contributes zeros to this rank's rows
         return out.cpu()
