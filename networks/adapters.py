@@ -182,6 +182,12 @@ class AdapterModule(_ForwardPatch, nn.Module):
             return y
         return y + self.branch(x).to(y.dtype)
 
+    def memory_profile(self, act_bytes: int) -> tuple[int, int, int, int]:
+        """For the memory plan: (per-token width this branch keeps for backward between its products, bytes it
+        keeps regardless of the batch, bytes of its largest working set in backward, and in a no-grad forward);
+        ``act_bytes`` is the activation itemsize.  LoRA: its rank activations; other kinds override this."""
+        return self.rank or 0, 0, 0, 0
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

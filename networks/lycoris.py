@@ -87,6 +87,13 @@ class LoHaModule(AdapterModule):
     def _factors(self) -> tuple[torch.Tensor, ...]:
         return self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b
 
+    def memory_profile(self, act_bytes: int) -> tuple[int, int, int, int]:
+        """No rank activations (x times ΔW); layers up to RECOMPUTE_NUMEL keep both fp32 Hadamard factors for
+        backward.  Working sets per ΔW element (fitted to the fake-tensor tracker, bench/bench_activations.py):
+        backward (recomputed) 2 fp32 factors + the cast ΔW; a no-grad forward both factors and their product."""
+        numel = self.in_features * self.out_features
+        return 0, (8 * numel if numel <= RECOMPUTE_NUMEL else 0), (8 + act_bytes) * numel, 12 * numel
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         scale, factors = self.multiplier * self.scale, self._factors()
         recompute = self.in_features * self.out_features > RECOMPUTE_NUMEL
@@ -146,6 +153,10 @@ class LoKrModule(AdapterModule):
 
     def w2(self) -> torch.Tensor:
         return self.lokr_w2 if self.layout["rank_w2"] is None else self.lokr_w2_a @ self.lokr_w2_b
+
+    def memory_profile(self, act_bytes: int) -> tuple[int, int, int, int]:
+        """Backward keeps the (in_m, out_k) block ``X · w2ᵀ`` of every token (about the layer's width)."""
+        return self.layout["in_m"] * self.layout["out_k"], 0, 0, 0
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         lay = self.layout

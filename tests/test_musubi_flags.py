@@ -25,7 +25,6 @@ TABLE = json.loads((ROOT / "tests" / "data" / "musubi_k5_flags.json").read_text(
 OTHER_BRANCHES = {
     *("--compile", "--compile_backend", "--compile_mode", "--compile_dynamic", "--compile_fullgraph"),
     "--compile_cache_size_limit",
-    *("--ddp_timeout", "--ddp_gradient_as_bucket_view", "--ddp_static_graph"),
 }
 _SCRIPT_KEY = {
     "kandinsky5_train_network.py": "train",

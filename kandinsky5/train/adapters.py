@@ -158,6 +158,21 @@ def network_from_file(module: ModuleType, path: Path, dit) -> torch.nn.Module:
     return _from_file(module, _read(module, path, "--network_weights"), dit, 1.0, False, "--network_weights")
 
 
+def new_network(cfg: TrainConfig, module: ModuleType, dit) -> torch.nn.Module:
+    """The network's modules for ``dit``, not applied: from ``--network_module`` and ``--network_args``, or every
+    module, kind and shape of ``--network_weights`` with ``--dim_from_weights`` (its weights too).  The FSDP engine
+    builds its unsharded saving copy with this as well, so that copy has the trained network's shapes."""
+    from kandinsky5.train import prechecks
+
+    n = cfg.network
+    if not n.dim_from_weights:
+        return prechecks.create_network(module, n, dit)
+    network = network_from_file(module, n.weights, dit)
+    for adapter in network.lora_modules:
+        adapter.dropout = n.dropout or 0.0
+    return network
+
+
 def build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
     """Import --network_module, merge --base_weights, create (or load) the network and apply it to ``dit``."""
     from kandinsky5.train import prechecks
@@ -165,21 +180,17 @@ def build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
     n = cfg.network
     module = prechecks.import_network_module(n.module)
     merge_base_weights(cfg, dit, module)
+    network = new_network(cfg, module, dit)
     if n.dim_from_weights:
-        network = network_from_file(module, n.weights, dit)
-        for adapter in network.lora_modules:
-            adapter.dropout = n.dropout or 0.0
         log.info("network built from %s (--dim_from_weights)", n.weights)
-    else:
-        network = prechecks.create_network(module, n, dit)
-        if n.weights is not None:
-            adapter = _read(module, n.weights, "--network_weights")
-            try:
-                network.load_lora_state_dict(adapter.sd, strict=True)
-            except ValueError as exc:
-                raise UserError(f"--network_weights {n.weights}: {exc} (same targets, kind and rank needed; "
-                                "--dim_from_weights takes them from the file)") from None  # fmt: skip
-            log.info("network initialised from %s", n.weights)
+    elif n.weights is not None:
+        adapter = _read(module, n.weights, "--network_weights")
+        try:
+            network.load_lora_state_dict(adapter.sd, strict=True)
+        except ValueError as exc:
+            raise UserError(f"--network_weights {n.weights}: {exc} (same targets, kind and rank needed; "
+                            "--dim_from_weights takes them from the file)") from None  # fmt: skip
+        log.info("network initialised from %s", n.weights)
     kinds = sorted({getattr(m, "kind", "lora") for m in network.lora_modules} - {"lora"})
     if cfg.save.format == "diffusers" and kinds:
         raise UserError(f"--save_format diffusers holds LoRA only, this network has {kinds}; use comfyui or musubi")
