@@ -483,7 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     media_paths, latent_paths = _plan_outputs(args, requests)
     step_cache, requests = _magcache_setup(args, task, requests)
     runtime = bool(args.lora_weight) and args.lora_mode == "runtime"
-    memory = check_generation_memory(task, args.dit, device, dtype, attention, memory, requests, runtime)
+    memory = check_generation_memory(
+        task, args.dit, device, dtype, attention, memory, requests, runtime, step_cache=step_cache is not None
+    )
     if not args.vae and (args.output or any(r.image is not None for r in requests)):
         raise UserError("--vae is required (it decodes the video and encodes conditioning images)")
     if not (args.text_encoder_qwen and args.text_encoder_clip):

@@ -270,3 +270,20 @@ def test_trainer_plan_counts_the_adapter_it_builds(tiny_bundle, tmp_path):
     assert from_file["branch_width"] == 8 and sum(a * b for a, b in from_file["lora"]) == 2 * sum(
         a * b for a, b in lora["lora"]
     )
+
+
+def test_magcache_sampling_plans_its_residuals():
+    """Sampling with MagCache keeps one residual per CFG stream between steps and the stack's input during it."""
+    from kandinsky5.memory.activations import sampling_estimate
+    from kandinsky5.memory.build import memory_plan
+    from kandinsky5.model.dit import DiT
+
+    with torch.device("meta"):
+        weights = memory_plan(DiT(TINY_DIT), torch.bfloat16, 0)
+    shape = dataclasses.replace(TINY, batch=2)
+    plain, cached = (
+        sampling_estimate(TINY_DIT, shape, MemoryConfig(), weights, Workload(step_cache=on)) for on in (False, True)
+    )
+    extra = {t.label: t.nbytes for t in cached.terms}["MagCache residuals"]
+    assert extra == 2 * (2 + 2) * shape.tokens * TINY_DIT.model_dim
+    assert cached.tensors > plain.tensors

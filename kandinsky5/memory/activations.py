@@ -134,6 +134,7 @@ class Workload:
     delta_transient: int = 0  # LoHa: the largest layer's ΔW working set in backward (recomputed factors, cast)
     delta_forward: int = 0  # LoHa: the same in a no-grad forward (both factors and their product)
     kron_branches: bool = False  # LoKr: the FFN-in branch's gradient block (b s f) beside the hidden gradients
+    step_cache: bool = False  # sampling with MagCache (or its calibration): cached residuals and the blocks' input
 
 
 @dataclass(frozen=True)
@@ -502,6 +503,8 @@ def sampling_estimate(
     terms += [Term("batch tensors", batch_bytes(cfg, shape, "sampling", a)),
               Term("activations", resident, "block input, text stream, RoPE tables"),
               Term("largest transient", transient, label)]  # fmt: skip
+    if work.step_cache:  # one residual per CFG stream across steps, and the stack's input held for the next one
+        terms.append(Term("MagCache residuals", a * (max(b, 2) + b) * s * d, "cond + uncond residual, blocks' input"))
     return _finish("sampling step", "the worst block", terms, weights.gpu)
 
 

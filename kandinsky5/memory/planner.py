@@ -271,12 +271,15 @@ def sampling_shape(task: TaskConfig, request) -> StepShape:
     return StepShape(batch, spec.frames, height, width, task.text_max_length)
 
 
-def check_generation_memory(task: TaskConfig, dit_path, device, dtype, attention, memory, requests, runtime_lora):
-    """The generator's start-up check (see :func:`check_memory`): every request's sampling call, no LoRA state."""
+def check_generation_memory(
+    task: TaskConfig, dit_path, device, dtype, attention, memory, requests, runtime_lora, step_cache: bool = False
+):
+    """The generator's start-up check (see :func:`check_memory`): every request's sampling call, no LoRA state;
+    ``step_cache``: MagCache (or its calibration) keeps residuals between steps."""
     from kandinsky5.model.loading import checkpoint_files, read_header
 
     work = Workload(attention="nabla" if attention.nabla else attention.backend, nabla=attention.nabla,
-                    act_bytes=dtype.itemsize, runtime_lora=runtime_lora)  # fmt: skip
+                    act_bytes=dtype.itemsize, runtime_lora=runtime_lora, step_cache=step_cache)  # fmt: skip
     shapes = distinct([sampling_shape(task, r) for r in requests])
     run = RunPlan(task, dtype, work, sample_shapes=shapes, header=read_header(checkpoint_files(dit_path)))
     return check_memory(Planner(run), memory, device, f"generation ({len(shapes)} shape(s))")

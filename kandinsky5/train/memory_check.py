@@ -75,7 +75,7 @@ def check_training_memory(cfg: TrainConfig, ctx, items, requests) -> TrainConfig
     work = Workload(optimizer=optimizer_kind(cfg.optimizer.type),
                     attention="nabla" if cfg.attention.nabla else cfg.attention.backend, nabla=cfg.attention.nabla,
                     act_bytes=act, accumulation=cfg.gradient_accumulation_steps, shards=shards,
-                    **adapter_workload(cfg, act))  # fmt: skip
+                    step_cache=cfg.sample.magcache is not None, **adapter_workload(cfg, act))  # fmt: skip
     samples = distinct([sampling_shape(cfg.task, r) for r in requests])
     header = read_header(checkpoint_files(cfg.dit_path))
     run = RunPlan(cfg.task, cfg.weight_dtype, work, training_shapes(cfg.task, items), samples, header=header,
