@@ -334,19 +334,16 @@ def _need(path: str, tensors: Mapping[str, torch.Tensor], *suffixes: str) -> lis
     return [tensors[s] for s in suffixes]
 
 
+def _kron_factor(path: str, t: Mapping[str, torch.Tensor], name: str) -> tuple[int, int, int | None]:
+    """(rows, columns, rank or None when full) of the LoKr factor ``name`` (lokr_w1 / lokr_w2) of a file."""
+    if name in t:
+        return t[name].shape[0], t[name].shape[1], None
+    a, b = _need(path, t, f"{name}_a", f"{name}_b")
+    return a.shape[0], b.shape[1], b.shape[0]
+
+
 def _lokr_from_tensors(path: str, linear: nn.Linear, t: Mapping[str, torch.Tensor], opts) -> LoKrModule:
-    if "lokr_w1" in t:
-        (w1,) = _need(path, t, "lokr_w1")
-        ol, im, r1 = w1.shape[0], w1.shape[1], None
-    else:
-        a, b = _need(path, t, "lokr_w1_a", "lokr_w1_b")
-        ol, im, r1 = a.shape[0], b.shape[1], b.shape[0]
-    if "lokr_w2" in t:
-        (w2,) = _need(path, t, "lokr_w2")
-        ok, in_, r2 = w2.shape[0], w2.shape[1], None
-    else:
-        a, b = _need(path, t, "lokr_w2_a", "lokr_w2_b")
-        ok, in_, r2 = a.shape[0], b.shape[1], b.shape[0]
+    (ol, im, r1), (ok, in_, r2) = _kron_factor(path, t, "lokr_w1"), _kron_factor(path, t, "lokr_w2")
     layout = dict(out_l=ol, out_k=ok, in_m=im, in_n=in_, rank_w1=r1, rank_w2=r2)
     return LoKrModule(path, linear.in_features, linear.out_features, layout, **opts)
 

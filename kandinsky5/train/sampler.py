@@ -48,10 +48,10 @@ def sample_requests(task: TaskConfig, prompts: Path, trigger: str | None = None)
     """
     if not Path(prompts).is_file():
         raise UserError(f"--sample_prompts {prompts} does not exist")
-    lines = read_prompt_file(prompts, "--sample_prompts")
-    if trigger:  # as the official pipeline and our generator will do with the saved file
-        lines = [dataclasses.replace(line, prompt=prepend_trigger(trigger, line.prompt)) for line in lines]
     try:
+        lines = read_prompt_file(prompts, "--sample_prompts")
+        if trigger:  # as the official pipeline and our generator will do with the saved file
+            lines = [dataclasses.replace(line, prompt=prepend_trigger(trigger, line.prompt)) for line in lines]
         return [pipeline.request_from_line(task, line) for line in lines]
     except UserError as exc:  # the message names file:line
         message = str(exc)
