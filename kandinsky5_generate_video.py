@@ -17,6 +17,7 @@ Every flag is documented by ``--help`` and in ``docs/inference.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ from kandinsky5.musubi_compat import add_musubi_args
 from kandinsky5.preflight import check_output_files, warn_task_mismatch
 from kandinsky5.sampling.guidance import CFG_MODES
 from kandinsky5.sampling.pipeline import GenerationRequest, GenerationResult, Kandinsky5Pipeline, request_from_line
-from kandinsky5.sampling.prompts import PromptLine, read_prompt_file
+from kandinsky5.sampling.prompts import PromptLine, prepend_trigger, read_prompt_file
 from kandinsky5.sampling.video_io import check_writable, estimate_bytes, to_uint8_frames, write_image, write_video
 
 log = get_logger("kandinsky5_generate_video")
@@ -169,7 +170,13 @@ def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vae_tiling", action="store_true", help="decode in spatial tiles (less memory, tiny seams)")
     g.add_argument("--qwen_4bit", action="store_true", help="load Qwen2.5-VL in 4-bit NF4 (needs bitsandbytes)")
     g = parser.add_argument_group("LoRA")
-    g.add_argument("--lora_weight", nargs="+", default=[], help="LoRA file(s): ours, musubi, ComfyUI or PEFT keys")
+    g.add_argument(
+        "--lora_weight",
+        nargs="+",
+        default=[],
+        help="adapter file(s): LoRA/LoHa/LoKr in our, musubi, ComfyUI, LyCORIS or diffusers/PEFT keys, or an "
+        "official LoRA directory (config_lora.json + .safetensors); default: none",
+    )
     g.add_argument(
         "--lora_multiplier", nargs="+", type=float, default=[], help="one multiplier per --lora_weight (default 1.0)"
     )
@@ -178,6 +185,12 @@ def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
         choices=("merge", "runtime"),
         default="merge",
         help="merge: add the LoRA into the weights once (fast, fp8-aware); runtime: keep it as a side branch",
+    )
+    g.add_argument(
+        "--no_lora_trigger",
+        action="store_true",
+        help="do not prepend a LoRA's trigger word (its 'trigger' metadata, as the official pipeline does) to the "
+        "prompts (default: prepend)",
     )
 
 
@@ -293,7 +306,8 @@ def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
     warn_task_mismatch(args.dit, checkpoint_metadata(args.dit), task, "--dit")  # also validates the header
     args.lora_multiplier = _lora_multipliers(args)  # one value per file from here on (the warning is said once)
     for path in args.lora_weight:
-        read_safetensors_header(path, "--lora_weight")  # a missing, truncated or foreign file: one line, now
+        if not Path(path).is_dir():  # an official LoRA directory is checked when it is read, just after
+            read_safetensors_header(path, "--lora_weight")  # a missing, truncated or foreign file: one line, now
     args.compile_config = compile_config_from_args(args, resolve_device(args.device).type, args.blocks_to_swap)
     precision = (getattr(torch, args.dtype), f"--dtype {args.dtype}")
     return attention_spec_from_args(args, task, precision), memory_config_from_args(args)
@@ -306,30 +320,6 @@ def _lora_multipliers(args: argparse.Namespace) -> list[float]:
     if mults and len(mults) < len(weights):
         log.warning("fewer --lora_multiplier values than --lora_weight files: the rest use 1.0")
     return mults + [1.0] * (len(weights) - len(mults))
-
-
-def _check_lora_fits(path: str, sd: dict[str, torch.Tensor], dit: torch.nn.Module, task: TaskConfig) -> None:
-    """UserError naming the file and the first key that has no matching Linear (or shape) in the DiT."""
-    for key, tensor in sd.items():
-        if key.endswith(".alpha"):
-            continue
-        module_path, kind = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        try:
-            linear = dit.get_submodule(module_path)
-        except AttributeError:
-            linear = None
-        if not isinstance(linear, torch.nn.Linear):
-            reason = "no such Linear in the DiT"
-        elif (kind == "lora_down" and tensor.shape[1] != linear.in_features) or (
-            kind == "lora_up" and tensor.shape[0] != linear.out_features
-        ):
-            reason = f"shape {list(tensor.shape)} does not fit Linear {linear.in_features}->{linear.out_features}"
-        else:
-            continue
-        raise UserError(
-            f"LoRA {path} does not fit the DiT of task {task.name}: first unmatched key {key!r} ({reason}); "
-            "was it trained for another model or task?"
-        )
 
 
 def _warn_lora_settings(path: str, metadata: dict, task: TaskConfig, scheduler_scale: float | None) -> None:
@@ -349,27 +339,64 @@ def _warn_lora_settings(path: str, metadata: dict, task: TaskConfig, scheduler_s
         )  # fmt: skip
 
 
-def _apply_loras(dit: torch.nn.Module, args: argparse.Namespace, task: TaskConfig, device) -> list:
-    """Merge (or attach, in runtime mode) every --lora_weight; returns the runtime networks (keep them alive)."""
-    from networks.lora_kandinsky import create_network_from_weights, load_lora_state_dict
+def _read_loras(args: argparse.Namespace) -> list:
+    """Every --lora_weight read into canonical form (headers and tensors; nothing applied yet)."""
+    from networks.lora_kandinsky import read_adapter
+
+    adapters = []
+    for path in args.lora_weight:
+        try:
+            adapters.append(read_adapter(path, "--lora_weight"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"LoRA {path} could not be read: {exc}") from None
+    return adapters
+
+
+def _trigger_lines(lines: list[PromptLine], adapters: list, enabled: bool) -> list[PromptLine]:
+    """Prepend each LoRA's trigger word to every prompt, as the official pipeline does (logged once)."""
+    triggers = [a.trigger for a in adapters if a.trigger]
+    if not triggers or not enabled:
+        return lines
+    for adapter in adapters:
+        if adapter.trigger:
+            log.info("LoRA %s: trigger %r prepended to the prompts (--no_lora_trigger to stop)",
+                     adapter.weights_path, adapter.trigger)  # fmt: skip
+    out = []
+    for line in lines:
+        prompt = line.prompt
+        for trigger in reversed(triggers):
+            prompt = prepend_trigger(trigger, prompt)
+        out.append(dataclasses.replace(line, prompt=prompt))
+    return out
+
+
+def _apply_loras(dit: torch.nn.Module, args: argparse.Namespace, task: TaskConfig, device, adapters: list) -> list:
+    """Merge (or attach, in runtime mode) every --lora_weight; returns the runtime networks (keep them alive).
+
+    Every file is checked against the DiT before any weight changes: a key that cannot be applied is an error
+    naming the file and the key."""
+    from networks.adapters import AdapterKeyError
+    from networks.lora_kandinsky import create_network_from_weights
 
     networks = []
-    for path, mult in zip(args.lora_weight, _lora_multipliers(args)):
+    for adapter, mult in zip(adapters, _lora_multipliers(args)):
+        _warn_lora_settings(str(adapter.weights_path), adapter.metadata, task, args.scheduler_scale)
         try:
-            sd, metadata = load_lora_state_dict(path)
-        except ValueError as exc:
-            raise UserError(f"LoRA {path} could not be read: {exc}") from None
-        _check_lora_fits(path, sd, dit, task)
-        _warn_lora_settings(path, metadata, task, args.scheduler_scale)
-        network = create_network_from_weights(mult, sd, dit, for_inference=True, metadata=metadata)
+            network = create_network_from_weights(mult, adapter.sd, dit, True, adapter.metadata, adapter.origins)
+        except AdapterKeyError as exc:
+            raise UserError(
+                f"LoRA {adapter.weights_path} does not fit the DiT of task {task.name}: first unmatched key "
+                f"{exc.key!r} ({exc.reason}); was it trained for another model or task?"
+            ) from None
+        networks.append(network)
+    for adapter, network, mult in zip(adapters, networks, _lora_multipliers(args)):
         if args.lora_mode == "merge":
             network.merge_into(dit)
         else:
             network.to(device)
             network.apply_to(dit)
-            networks.append(network)
-        log.info("LoRA %s (%s, multiplier %s): %s", path, args.lora_mode, mult, network.summary())
-    return networks
+        log.info("LoRA %s (%s, multiplier %s): %s", adapter.weights_path, args.lora_mode, mult, network.summary())
+    return networks if args.lora_mode == "runtime" else []
 
 
 def _magcache_setup(args, task: TaskConfig, requests: list[GenerationRequest]):
@@ -462,9 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _decode_only(args)
     task = task_from_args(args)
     device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
-    requests = [_request(args, task, line) for line in _prompt_lines(args)]
-    media_paths, latent_paths = _plan_outputs(args, requests)
+    lines = _prompt_lines(args)
     attention, memory = _check_model_inputs(args, task)
+    adapters = _read_loras(args)  # read and checked before any model loads; triggers change the prompts
+    requests = [_request(args, task, line) for line in _trigger_lines(lines, adapters, not args.no_lora_trigger)]
+    media_paths, latent_paths = _plan_outputs(args, requests)
     step_cache, requests = _magcache_setup(args, task, requests)
     runtime = bool(args.lora_weight) and args.lora_mode == "runtime"
     memory = check_generation_memory(
@@ -490,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe.release_text_encoder()
     prepared = [pipe.prepare(r) for r in requests]
     dit = _load_dit(args, task, device, dtype, attention, memory)
-    runtime_loras = _apply_loras(dit, args, task, device)  # noqa: F841 -- keeps the runtime LoRA branches alive
+    runtime_loras = _apply_loras(dit, args, task, device, adapters)  # noqa: F841 -- keeps the runtime LoRA branches alive
     offload = args.offload_dit_during_sampling
     results = pipe.generate_iter(dit, prepared, decode=args.output is not None, offload_dit=offload, restore=False)
     for index, result in enumerate(results):

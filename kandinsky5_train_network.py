@@ -33,8 +33,8 @@ from kandinsky5 import cli, musubi_compat
 from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.model import flow
 from kandinsky5.sampling.magcache import magcache_from_args
+from kandinsky5.train import adapters, optim, prechecks, startup, tracker, validation
 from kandinsky5.train import args as train_args
-from kandinsky5.train import optim, prechecks, startup, tracker, validation
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
 from kandinsky5.train.distributed import (
     DistContext,
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network_args(p)
     _add_timestep_args(p)
     _add_save_args(p)
+    adapters.add_adapter_file_args(p)
     add_distributed_args(p)
     startup.add_safety_args(p)
     cli.add_debug_arg(p)
@@ -154,7 +155,9 @@ def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
 
 def _add_network_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA network")
-    g.add_argument("--network_module", default="networks.lora_kandinsky", help="module providing create_network")
+    g.add_argument("--network_module", default="networks.lora_kandinsky",
+                   help="module providing create_network: networks.lora_kandinsky (default), "
+                   "networks.loha_kandinsky (LoHa) or networks.lokr_kandinsky (LoKr)")  # fmt: skip
     g.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
     g.add_argument("--network_alpha", type=float, default=None, help="LoRA alpha, scale = alpha / rank (default 1)")
     g.add_argument("--network_dropout", type=float, default=None, help="dropout on the rank activations")
@@ -165,7 +168,8 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
         help="key=value: include_patterns=[...], exclude_patterns=[...], rank_dropout=, module_dropout=, "
         "loraplus_lr_ratio= (LoRA+), verbose=True",
     )
-    g.add_argument("--network_weights", default=None, help="start from this LoRA file (any supported format)")
+    g.add_argument("--network_weights", default=None,
+                   help="start from this adapter file (any supported format; default: none)")  # fmt: skip
     g.add_argument("--scale_weight_norms", type=float, default=None,
                    help="max-norm regularisation: after each step shrink LoRA deltas with a larger norm")  # fmt: skip
 
@@ -192,8 +196,9 @@ def _add_save_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--save_format",
         choices=SAVE_FORMATS,
-        default="diffusers",
-        help="LoRA key format: diffusers (default; loads in ComfyUI, diffusers and the official repo), comfyui, musubi",
+        default=None,
+        help="key format: diffusers (default for LoRA; loads in ComfyUI, diffusers and the official repo), comfyui "
+        "(default for LoHa/LoKr), musubi",
     )
     g.add_argument("--save_every_n_epochs", type=int, default=None, help="save a LoRA every N epochs")
     g.add_argument("--save_every_n_steps", type=int, default=None, help="save a LoRA every N optimizer steps")
@@ -259,6 +264,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
     sched_cfg = train_args.scheduler_config(args)
     optim.check_configs(opt_cfg, sched_cfg)
+    base_weights, base_multipliers = adapters.check_adapter_file_args(args)
     return TrainConfig(
         task=task,
         dit_path=Path(args.dit),
@@ -282,6 +288,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             dropout=args.network_dropout,
             args=optim.parse_kv_args(args.network_args, "--network_args"),
             weights=Path(args.network_weights) if args.network_weights else None,
+            dim_from_weights=args.dim_from_weights,
+            base_weights=base_weights,
+            base_multipliers=base_multipliers,
         ),  # fmt: skip
         save=SaveConfig(
             output_dir=Path(args.output_dir),
@@ -292,6 +301,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             last_n_steps=args.save_last_n_steps,
             save_state=args.save_state,
             format=args.save_format,
+            precision=adapters.save_dtype_from_args(args),
             last_n_epochs_state=args.save_last_n_epochs_state,
             last_n_steps_state=args.save_last_n_steps_state,
             state_on_train_end=args.save_state_on_train_end,
@@ -318,6 +328,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cuda_allow_tf32=args.cuda_allow_tf32,
         cudnn_benchmark=args.cuda_cudnn_benchmark,
         scale_weight_norms=args.scale_weight_norms,
+        metadata=adapters.metadata_config_from_args(args),
         compile=compile_config_from_args(args, blocks_to_swap=args.blocks_to_swap),
     )
 
@@ -328,19 +339,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
-    n = cfg.network
-    module = prechecks.import_network_module(n.module)
-    network = prechecks.create_network(module, n, dit)
-    if n.weights is not None:
-        try:
-            network.load_lora_state_dict(module.load_lora_state_dict(n.weights)[0], strict=True)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"--network_weights {n.weights}: {exc} (same targets and rank needed)") from None
-        log.info("LoRA initialised from %s", n.weights)
-    network.apply_to(dit)
-    network.train()
-    log.info("%s", network.summary())
-    return network, module
+    return adapters.build_network(cfg, dit)
 
 
 def _log_setup(cfg: TrainConfig, ctx, items: list, total: int, per_epoch: int) -> None:
@@ -366,6 +365,8 @@ def setup(cfg: TrainConfig, ctx: DistContext, requests: list):
     from dataset.latent_dataset import BucketBatchSampler, LatentDataset, collate, discover_items
     from dataset.split import split_validation
     from dataset.staleness import check_stale
+    from dataset.summary import dataset_summary
+    from kandinsky5.model.checkpoint_hash import checkpoint_sha256
     from kandinsky5.model.loading import file_fingerprint
     from kandinsky5.model.nabla import check_geometry
     from kandinsky5.model.vae import vae_file_identity
@@ -401,8 +402,10 @@ def setup(cfg: TrainConfig, ctx: DistContext, requests: list):
     scheduler = optim.build_scheduler(optimizer, cfg.scheduler, total)
     seed_everything(seed + ctx.rank)  # dropout masks differ per rank
     generator = torch.Generator(ctx.device).manual_seed(seed * 1009 + ctx.rank)
+    sha256 = checkpoint_sha256(cfg.dit_path) if cfg.metadata.enabled and ctx.is_main else None
     run = Run(cfg, ctx, dit, network, module, optimizer, scheduler, generator, seed, total, len(items),
-              file_fingerprint(cfg.dit_path), sampler=training_sampler, validator=validator, engine=engine)  # fmt: skip
+              file_fingerprint(cfg.dit_path), sampler=training_sampler, validator=validator, engine=engine,
+              datasets=dataset_summary(dataset_cfg, items, cfg.metadata.full_paths), base_sha256=sha256)  # fmt: skip
     loader = DataLoader(
         LatentDataset(items, with_image=cfg.task.is_i2v),
         batch_sampler=sampler,
@@ -545,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_args.show_timesteps(args)
     cfg = config_from_args(args)
     # the prompt file is read and checked once, now: a bad one fails before training, not at the first sample
-    requests = sample_requests(cfg.task, cfg.sample.prompts) if cfg.sample.enabled else []
+    requests = sample_requests(cfg.task, cfg.sample.prompts, cfg.metadata.trigger_word) if cfg.sample.enabled else []
     timeout = cfg.distributed.timeout_minutes or default_timeout_minutes(cfg.task, requests)
     ctx = init_distributed(timeout, fsdp=cfg.distributed.fsdp)
     if not ctx.is_main:

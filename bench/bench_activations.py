@@ -51,7 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kandinsky5.configs import PRO_DIT, TINY_DIT, DiTConfig, NablaConfig  # noqa: E402
 from kandinsky5.memory import build as memory  # noqa: E402
-from kandinsky5.memory.activations import StepShape, Workload, sampling_estimate, training_estimate  # noqa: E402
+from kandinsky5.memory.activations import (  # noqa: E402
+    StepShape,
+    Workload,
+    network_workload,
+    sampling_estimate,
+    training_estimate,
+)
 from kandinsky5.memory.build import MemoryConfig  # noqa: E402
 from kandinsky5.memory.fp8 import convert_to_fp8  # noqa: E402
 from kandinsky5.memory_plan import memory_plan, storage_dtype  # noqa: E402
@@ -59,7 +65,7 @@ from kandinsky5.model import nabla  # noqa: E402
 from kandinsky5.model.dit import AttentionSpec, DiT  # noqa: E402
 from kandinsky5.sampling import pipeline  # noqa: E402
 from kandinsky5.train import objective  # noqa: E402
-from networks.lora import LoRANetwork  # noqa: E402
+from networks.lora import LoRANetwork, adapter_factory  # noqa: E402
 from networks.lora_kandinsky import DEFAULT_INCLUDE_PATTERNS  # noqa: E402
 
 PRO_BLOCKS = dataclasses.replace(PRO_DIT, num_text_blocks=1, num_visual_blocks=3)  # Pro block size, 4 blocks
@@ -192,6 +198,8 @@ class Case:
     training: bool = True
     rank: int = 4
     nabla: bool = False
+    kind: str = "lora"  # adapter kind (networks.lora.adapter_factory): lora, loha, lokr
+    kind_args: tuple = ()  # e.g. (("factor", 8),) for LoKr
 
 
 def _fill(dit: DiT, specs: dict, device) -> None:
@@ -213,7 +221,7 @@ def build(case: Case, device: torch.device):
     specs = {k: (t.shape, storage_dtype(k, t, torch.bfloat16)) for k, t in dit.state_dict().items()}
     _fill(dit, specs, device)
     dit.requires_grad_(False)
-    net = LoRANetwork(dit, rank=case.rank, default_include=DEFAULT_INCLUDE_PATTERNS)
+    net = _network(case, dit)
     if device.type == "cuda":
         net.to(device)  # (a fake CPU network is already where it belongs; .to would try to swap fake tensors)
     net.apply_to(dit)
@@ -223,6 +231,11 @@ def build(case: Case, device: torch.device):
     if case.training and case.memory.gradient_checkpointing:
         memory.enable_gradient_checkpointing(dit, case.memory.activation_cpu_offload, pin_memory=False)
     return dit, net, plan, swapper
+
+
+def _network(case: Case, dit: DiT) -> LoRANetwork:
+    factory = adapter_factory(case.kind, **dict(case.kind_args))
+    return LoRANetwork(dit, rank=case.rank, default_include=DEFAULT_INCLUDE_PATTERNS, factory=factory)
 
 
 def _optimizer(net: LoRANetwork):
@@ -302,7 +315,11 @@ def predicted(case: Case) -> tuple[int, int]:
     if case.memory.fp8:
         convert_to_fp8(meta)
     plan = memory_plan(meta, torch.bfloat16, case.memory.blocks_to_swap)
-    work = Workload(lora_rank=case.rank, attention="nabla" if case.nabla else "sdpa", runtime_lora=True)
+    with torch.device("meta"):
+        net = _network(case, meta)
+    shapes = tuple((p.shape[0], p.shape[1] if p.dim() > 1 else 1) for p in net.parameters())
+    work = Workload(lora_rank=case.rank, lora=shapes, attention="nabla" if case.nabla else "sdpa", runtime_lora=True,
+                    **network_workload(net, 2))  # fmt: skip
     if case.training:
         return training_estimate(case.cfg, case.shape, case.memory, plan, work).tensors, plan.gpu
     return sampling_estimate(case.cfg, case.shape, case.memory, plan, work, lora_state=True).tensors, plan.gpu
@@ -395,6 +412,19 @@ def cases(quick: bool = False) -> list[Case]:
             rank=32,
         ),  # fmt: skip
         Case("pro-blocks fp8 batch 2", PRO_BLOCKS, dataclasses.replace(pro, batch=2), MemoryConfig(fp8=True), rank=32),
+        Case("pro-blocks LoHa rank 16", PRO_BLOCKS, pro, off, rank=16, kind="loha"),
+        Case("pro-blocks LoHa rank 16 ckpt", PRO_BLOCKS, pro, ckpt, rank=16, kind="loha"),
+        Case(
+            "pro-blocks LoHa sampling (CFG batch 2)",
+            PRO_BLOCKS,
+            dataclasses.replace(pro, batch=2),
+            off,
+            training=False,
+            rank=16,
+            kind="loha",
+        ),  # fmt: skip
+        Case("pro-blocks LoKr rank 16", PRO_BLOCKS, pro, off, rank=16, kind="lokr"),
+        Case("pro-blocks LoKr factor 8 ckpt", PRO_BLOCKS, pro, ckpt, rank=16, kind="lokr", kind_args=(("factor", 8),)),
         Case(
             "pro-blocks sampling fp8 (CFG batch 2)",
             PRO_BLOCKS,

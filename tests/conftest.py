@@ -17,3 +17,18 @@ def tiny_bundle(tmp_path_factory) -> Path:
     from kandinsky5.tiny_weights import write_bundle
 
     return write_bundle(tmp_path_factory.mktemp("tiny_bundle"), seed=0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _checkpoint_hash_cache(tmp_path_factory):
+    """The trainer caches the base checkpoint's sha256 (``kandinsky5.model.checkpoint_hash``): keep it in the
+    session's temp dir, never in the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("K5_HASH_CACHE")
+    os.environ["K5_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash_cache") / "checkpoint_sha256.json")
+    yield
+    if old is None:
+        os.environ.pop("K5_HASH_CACHE", None)
+    else:
+        os.environ["K5_HASH_CACHE"] = old

@@ -173,7 +173,7 @@ def _other_architecture_lora(path):
         ("no_image", "task k5-tiny-i2v is image-to-video: pass an input image with --image (--i)"),
         ("missing_image", "does not exist"),
         ("task", "unknown task 'k5-nope'"),
-        ("lora", "does not fit the DiT of task k5-tiny-t2v: first unmatched key 'double_blocks.0.img_attn.qkv.lora_"),
+        ("lora", "k5-tiny-t2v: first unmatched key 'diffusion_model.double_blocks.0.img_attn.qkv.lora_"),
         ("exists", "already exists; pass --overwrite to replace it"),
     ],
 )

@@ -127,3 +127,40 @@ def _header_and_data(path):
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def test_network_from_a_file_is_fused_and_equals_the_trained_one(tmp_path, monkeypatch):
+    """create_network_from_weights (the adapters' loader): LoRA modules grouped again, same output as the network
+    that wrote the file (fp32, within 1e-6)."""
+    monkeypatch.setattr("kandinsky5.model.dit.apply_rope", rope_without_bf16_rounding)
+    from networks.lora_kandinsky import create_network_from_weights, read_adapter
+
+    dit, net, inputs = _setup()
+    with torch.no_grad():
+        ref = dit(*inputs)
+    path = tmp_path / "lora.safetensors"
+    save_lora(path, net)
+    net.remove()
+    adapter = read_adapter(path)
+    loaded = create_network_from_weights(1.0, adapter.sd, dit, for_inference=True, metadata=adapter.metadata)
+    loaded.set_multiplier(0.7)
+    loaded.apply_to(dit)
+    assert sum(m._shared is not None for _, m in loaded.items()) == 2 * 2 + 3 * 3
+    with torch.no_grad():
+        ok, err = rel_close(dit(*inputs), ref, 1e-6)
+    assert ok, err
+
+
+@pytest.mark.parametrize("module", ["networks.loha_kandinsky", "networks.lokr_kandinsky"])
+def test_loha_and_lokr_keep_their_own_branch(module, monkeypatch):
+    import importlib
+
+    dit = randomize_(DiT(TINY), seed=3).eval().requires_grad_(False)
+    net = importlib.import_module(module).create_network(1.0, 4, 4.0, dit)
+    randomize_(net, 4, std=0.1)
+    net.apply_to(dit)
+    assert net.shared_input_key is shared_input_key  # the same network class; only LoRA modules are grouped
+    assert not any(isinstance(m, LoRAModule) for _, m in net.items())
+    _, _, inputs = _setup()
+    out, grads = _run(dit, net, inputs)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)

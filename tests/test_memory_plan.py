@@ -40,6 +40,9 @@ CASES = [
                rank=32),
     bench.Case("tiny: sampling, fp8, swap 2, CFG batch 2", TINY_DIT, dataclasses.replace(TINY, batch=2),
                MemoryConfig(fp8=True, blocks_to_swap=2), training=False),
+    bench.Case("pro blocks: LoHa rank 16, ckpt", bench.PRO_BLOCKS, PRO, MemoryConfig(gradient_checkpointing=True),
+               rank=16, kind="loha"),
+    bench.Case("pro blocks: LoKr rank 16", bench.PRO_BLOCKS, PRO, MemoryConfig(), rank=16, kind="lokr"),
 ]  # fmt: skip
 
 
@@ -234,6 +237,39 @@ def test_fsdp_plans_one_ranks_shards_and_never_swaps():
     assert sharded.peak < single.peak - 15 * GIB
     fit, _ = planner.auto(MemoryConfig(fp8=True, auto_swap=True), 12 * GIB)
     assert fit.memory.blocks_to_swap == 0 and fit.memory.gradient_checkpointing
+
+
+def test_trainer_plan_counts_the_adapter_it_builds(tiny_bundle, tmp_path):
+    """The start-up plan's adapter inputs come from the network the trainer builds: LoKr's (in_m, out_k) blocks,
+    LoHa's ΔW working set, and with --dim_from_weights the file's modules (not --network_dim)."""
+    from kandinsky5 import cli
+    from kandinsky5.train.memory_check import adapter_workload
+    from networks.lora_kandinsky import save_lora
+
+    script = load_module(ROOT / "kandinsky5_train_network.py", "_train_script_memory_plan")
+
+    def cfg(*extra):
+        args = ["--task", "k5-tiny-t2v", "--dit", "x", "--dataset_config", "x", "--output_dir", str(tmp_path),
+                "--output_name", "x", *extra]  # fmt: skip
+        return script.config_from_args(cli.parse_args(script.build_parser(), args))
+
+    lora = adapter_workload(cfg(), 2)
+    lokr = adapter_workload(cfg("--network_module", "networks.lokr_kandinsky", "--network_args", "factor=4"), 2)
+    loha = adapter_workload(cfg("--network_module", "networks.loha_kandinsky"), 2)
+    d = TINY_DIT.model_dim
+    assert lora["branch_width"] == 4 and lora["delta_transient"] == 0 and not lora["kron_branches"]
+    assert lokr["branch_width"] >= d // 4 and lokr["kron_branches"]  # factor 4: in_m = 4, out_k >= d / 4
+    assert loha["branch_width"] == 0 and loha["delta_transient"] == 10 * d * TINY_DIT.ff_dim
+    assert loha["delta_saved"] > 0  # tiny layers are under RECOMPUTE_NUMEL: both factors kept
+    from kandinsky5.model.dit import DiT
+    from networks.lora_kandinsky import create_network
+
+    net = create_network(1.0, 8, 8.0, DiT(TINY_DIT), {})
+    save_lora(tmp_path / "r8.safetensors", net, format="comfyui")
+    from_file = adapter_workload(cfg("--network_weights", str(tmp_path / "r8.safetensors"), "--dim_from_weights"), 2)
+    assert from_file["branch_width"] == 8 and sum(a * b for a, b in from_file["lora"]) == 2 * sum(
+        a * b for a, b in lora["lora"]
+    )
 
 
 def test_magcache_sampling_plans_its_residuals():

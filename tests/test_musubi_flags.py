@@ -25,11 +25,6 @@ TABLE = json.loads((ROOT / "tests" / "data" / "musubi_k5_flags.json").read_text(
 OTHER_BRANCHES = {
     *("--compile", "--compile_backend", "--compile_mode", "--compile_dynamic", "--compile_fullgraph"),
     "--compile_cache_size_limit",
-    *("--ddp_timeout", "--ddp_gradient_as_bucket_view", "--ddp_static_graph"),
-    *("--dim_from_weights", "--base_weights", "--base_weights_multiplier", "--no_metadata", "--training_comment"),
-    *("--save_precision", "--trigger_word", "--lora_weight", "--lora_multiplier"),
-    *("--metadata_title", "--metadata_author", "--metadata_description", "--metadata_license"),
-    *("--metadata_tags", "--metadata_reso", "--metadata_arch"),
 }
 _SCRIPT_KEY = {
     "kandinsky5_train_network.py": "train",

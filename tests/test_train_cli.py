@@ -177,6 +177,8 @@ def test_documented_errors(tiny_bundle, toy, tmp_path, capsys):
         (["--sample_prompts", "p.txt"], "needs --text_encoder_qwen"),
         (["--timestep_sampling", "shift", "--min_timestep", "900", "--max_timestep", "100"], "min_timestep"),
         (["--save_every_n_steps", "0"], "--save_every_n_steps must be >= 1"),
+        (["--learning_rate", "-1"], "--learning_rate must be a positive number"),
+        (["--network_alpha", "-3"], "--network_alpha must be >= 0"),
         (["--timestep_sampling", "sigma", "--weighting_scheme", "mode", "--mode_scale", "3"], "mode_scale"),
         (["--optimizer_type", "adamx"], "unknown --optimizer_type 'adamx'"),
         (["--lr_scheduler", "cosine_restarts"], "unknown --lr_scheduler 'cosine_restarts'"),

@@ -173,11 +173,11 @@ def test_conditioned_frames_do_not_count_in_the_loss():
     assert masked_mse(pred, target, torch.tensor([[0.0, 1.0, 1.0]])) == 1.0
 
 
-def _lora(dit, rank=4, seed=3):
-    from networks.lora_kandinsky import create_network
+def _lora(dit, rank=4, seed=3, module="networks.lora_kandinsky"):
+    import importlib
 
     torch.manual_seed(seed)
-    network = create_network(1.0, rank, rank, dit)
+    network = importlib.import_module(module).create_network(1.0, rank, rank, dit)
     network.apply_to(dit)
     return network
 
@@ -232,10 +232,12 @@ def test_zero_initialised_lora_leaves_the_output_unchanged():
     assert torch.equal(before, after)
 
 
-def test_overfitting_one_sample_lowers_the_loss_clearly(capsys):
-    """A few dozen LoRA steps on one sample: the loss on a fixed set of (t, noise) must drop by at least half."""
+@pytest.mark.parametrize("module", ["networks.lora_kandinsky", "networks.loha_kandinsky", "networks.lokr_kandinsky"])
+def test_overfitting_one_sample_lowers_the_loss_clearly(capsys, module):
+    """A few dozen adapter steps on one sample: the loss on a fixed set of (t, noise) must drop by at least half
+    (LoRA, LoHa and LoKr alike)."""
     dit = tiny_dit(seed=5)
-    network = _lora(dit, rank=8)
+    network = _lora(dit, rank=8, module=module)
     batch = random_batch(b=1, lengths=(6,), seed=7)
     batch.latents = 2.0 * torch.sin(torch.linspace(0, 6, 16)).view(1, 1, 1, 1, 16).expand(1, 3, 8, 8, 16).clone()
     opt = build_optimizer(network.parameters(), OptimizerConfig("AdamW", 3e-3))
@@ -263,7 +265,7 @@ def test_overfitting_one_sample_lowers_the_loss_clearly(capsys):
         if step % 10 == 9:
             curve.append(eval_loss())
     with capsys.disabled():
-        print("\noverfit eval loss every 10 steps:", " ".join(f"{v:.4f}" for v in curve))
+        print(f"\n{module} overfit eval loss every 10 steps:", " ".join(f"{v:.4f}" for v in curve))
     assert curve[-1] < 0.5 * curve[0], curve
 
 
@@ -389,16 +391,19 @@ def test_cache_problems_name_the_stage_to_rerun(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_three_steps_resume_three_steps_equals_six_straight(tiny_bundle, tmp_path):
-    """Resume restores LoRA, AdamW moments, the LR schedule (mid-warmup), dropout and noise RNG, and the position in
-    a half-finished epoch: the resumed run ends with bit-identical LoRA weights."""
+@pytest.mark.parametrize("module", ["networks.lora_kandinsky", "networks.lokr_kandinsky"])
+def test_three_steps_resume_three_steps_equals_six_straight(tiny_bundle, tmp_path, module):
+    """Resume restores the adapter, AdamW moments, the LR schedule (mid-warmup), dropout and noise RNG, and the
+    position in a half-finished epoch: the resumed run ends with bit-identical weights (LoRA, and LoKr: the state
+    is the network's own state_dict for every adapter kind)."""
     from safetensors.torch import load_file
 
     from tests.test_train_cli import base_args, train
 
     toml = write_toy_cache(tmp_path / "data", n_items=4, batch_size=1)  # 4 steps per epoch: step 3 is mid-epoch
     extra = ["--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--network_dropout", "0.1",
-             "--optimizer_args", "weight_decay=0.01", "--network_args", "rank_dropout=0.1"]  # fmt: skip
+             "--optimizer_args", "weight_decay=0.01", "--network_args", "rank_dropout=0.1",
+             "--network_module", module]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = base_args(tiny_bundle, toml, straight, steps=6) + extra
     assert train(args + ["--save_every_n_steps", "3", "--save_state"]) == 0

@@ -70,6 +70,7 @@ __all__ = [
     "Estimate",
     "OPTIMIZERS",
     "lora_shapes",
+    "network_workload",
     "optimizer_kind",
     "optimizer_state_bytes",
     "block_saved_bytes",
@@ -131,6 +132,11 @@ class Workload:
     runtime_lora: bool = True  # sampling: LoRA branches un-merged (their parameters count; no larger transient)
     accumulation: int = 1  # gradient accumulation: from the second micro-batch on every LoRA gradient exists
     shards: int = 1  # --fsdp ranks: the LoRA, its gradients and optimizer state are split over them
+    branch_width: int | None = None  # per-token width a branch keeps between its products (None: lora_rank)
+    delta_saved: int = 0  # LoHa: bytes of the small ΔW products autograd keeps for backward (all layers)
+    delta_transient: int = 0  # LoHa: the largest layer's ΔW working set in backward (recomputed factors, cast)
+    delta_forward: int = 0  # LoHa: the same in a no-grad forward (both factors and their product)
+    kron_branches: bool = False  # LoKr: the FFN-in branch's gradient block (b s f) beside the hidden gradients
     step_cache: bool = False  # sampling with MagCache (or its calibration): cached residuals and the blocks' input
 
 
@@ -190,6 +196,18 @@ def lora_shapes(cfg: DiTConfig, rank: int) -> list[tuple[int, int]]:
     return [s for i, o in linears for s in ((rank, i), (o, rank))]
 
 
+def network_workload(network, act_bytes: int) -> dict[str, int | bool]:
+    """The :class:`Workload` adapter fields of ``network`` from each adapter's ``memory_profile``: ``branch_width``
+    (the mean over the targets: r for LoRA, the ``(in_m, out_k)`` block of ``w1 · X · w2ᵀ`` for LoKr, about a
+    layer's width, 0 for LoHa), ``delta_saved`` (the sum), ``delta_transient`` / ``delta_forward`` (the largest
+    LoHa ΔW working sets, ``networks.lycoris``) and ``kron_branches`` (any LoKr)."""
+    profiles = [m.memory_profile(act_bytes) for m in network.lora_modules if hasattr(m, "memory_profile")]
+    widths, saved, backward, forward = zip(*profiles) if profiles else ((0,), (0,), (0,), (0,))
+    return {"branch_width": sum(widths) // len(widths), "delta_saved": sum(saved), "delta_transient": max(backward),
+            "delta_forward": max(forward),
+            "kron_branches": any(getattr(m, "kind", "") == "lokr" for m in network.lora_modules)}  # fmt: skip
+
+
 def optimizer_kind(name: str) -> str:
     """``--optimizer_type`` -> a key of :data:`OPTIMIZERS` (unknown classes count like AdamW)."""
     lower = name.lower().rsplit(".", 1)[-1]
@@ -217,6 +235,7 @@ def optimizer_state_bytes(kind: str, shapes: Sequence[tuple[int, int]]) -> tuple
 def block_saved_bytes(cfg: DiTConfig, shape: StepShape, work: Workload, visual: bool, first: bool = False) -> int:
     """Bytes autograd keeps for one block's backward (default LoRA targets; see the module docstring)."""
     b, s, lt, a, r = shape.batch, shape.tokens, shape.text_tokens, work.act_bytes, work.lora_rank
+    rb = r if work.branch_width is None else work.branch_width  # LoKr: its (in_m, out_k) block; LoHa: 0
     d, f, h, hd = cfg.model_dim, cfg.ff_dim, cfg.num_heads, cfg.head_dim
     n = s if visual else lt  # tokens of this stream
     mods = 3 if visual else 2
@@ -225,10 +244,10 @@ def block_saved_bytes(cfg: DiTConfig, shape: StepShape, work: Workload, visual: 
     total += 4 * a * b * n * d + 4 * b * h * n + 2 * a * b * n * f  # self attention, FFN hidden
     total += 4 * b * (9 if visual else 6) * d + mods * 4 * b * d  # modulation vectors
     linears = 10 if visual else 6
-    total += a * r * (linears - (2 if visual else 0)) * b * n + a * r * (2 * (linears - 2) * d + 2 * (d + f))
+    total += a * rb * (linears - (2 if visual else 0)) * b * n + a * r * (2 * (linears - 2) * d + 2 * (d + f))
     if visual:  # cross attention: q RMSNorm on visual tokens, k RMSNorm on text, q/out + k/v, lse, LoRA k/v rank
         total += 4 * b * n * d + 4 * b * n * h + 4 * b * lt * d + 4 * b * lt * h + 2 * 4 * hd
-        total += 2 * a * b * n * d + 2 * a * b * lt * d + 4 * b * h * n + 2 * a * r * b * lt
+        total += 2 * a * b * n * d + 2 * a * b * lt * d + 4 * b * h * n + 2 * a * rb * b * lt
     if work.attention == "nabla" and visual:
         total += 3 * 4 * b * h * _blocks(s) ** 2 + 4 * b * h * _blocks(s)  # flex BlockMask kv + q indices
     if first:  # frozen input: no LayerNorm input and no LoRA weight copies for the q/k/v down-projections
@@ -319,23 +338,24 @@ def _self_attention_prefix(cfg: DiTConfig, shape: StepShape, work: Workload) -> 
         + a * b * s * d
         + 2 * (4 * b * s * d + 4 * b * s * h)
         + 3 * a * b * s * d
-        + (3 * a * work.lora_rank * b * s)
+        + (3 * a * (work.lora_rank if work.branch_width is None else work.branch_width) * b * s)
     )
 
 
 def _ffn_backward(cfg: DiTConfig, shape: StepShape, work: Workload, fp8: bool) -> tuple[int, str]:
     b, s, a = shape.batch, shape.tokens, work.act_bytes
     d, f = cfg.model_dim, cfg.ff_dim
-    grads = 2 * a * b * s * f + a * b * s * d
+    grads = (2 + work.kron_branches) * a * b * s * f + a * b * s * d  # LoKr: its reshaped output gradient too
     deq = dequant_bytes(cfg, fp8) + a * b * s * f
     if deq > grads:
         return deq, "fp8 dequantised FFN weight (fp32) in backward"
-    return grads, "FFN hidden gradients (3 x b s f, GELU output freed)"
+    return grads, f"FFN hidden gradients ({3 + work.kron_branches} x b s f, GELU output freed)"
 
 
 def _backward_transient(cfg: DiTConfig, shape: StepShape, work: Workload, fp8: bool) -> tuple[int, str]:
     """The gradients in flight inside one visual block's backward, beyond its saved set."""
-    return max(_ffn_backward(cfg, shape, work, fp8), _attention_transient(cfg, shape, work, True))
+    delta = (work.delta_transient, "LoHa ΔW of the largest layer (recomputed factors, cast ΔW)")
+    return max(_ffn_backward(cfg, shape, work, fp8), _attention_transient(cfg, shape, work, True), delta)
 
 
 def _forward_transient(cfg: DiTConfig, shape: StepShape, work: Workload, fp8: bool) -> tuple[int, str]:
@@ -352,6 +372,8 @@ def _forward_transient(cfg: DiTConfig, shape: StepShape, work: Workload, fp8: bo
     ]
     attn, label = _attention_transient(cfg, shape, work, False)
     options.append((streams + attn, label))
+    if work.runtime_lora and work.delta_forward:  # formed beside the FFN hidden (its input) and the base output
+        options.append((streams + 2 * a * b * s * f + work.delta_forward, "LoHa ΔW of the largest layer"))
     return max(options)
 
 
@@ -418,7 +440,7 @@ def _activation_phases(cfg: DiTConfig, shape: StepShape, work: Workload, sw: _Sw
     nv, nt = cfg.num_visual_blocks, cfg.num_text_blocks
     b, s, a, d = shape.batch, shape.tokens, work.act_bytes, cfg.model_dim
     v, v0, t, t0 = _stored(cfg, shape, work, sw)
-    text = t0 + (nt - 1) * t if nt else 0
+    text = (t0 + (nt - 1) * t if nt else 0) + work.delta_saved  # LoHa's small ΔWs: kept like the text stream
     shared = shared_saved_bytes(cfg, shape, work, output_layer=False)
     recompute = block_saved_bytes(cfg, shape, work, True) if sw.checkpointing else 0
     recompute += a * b * s * d if sw.offload else 0  # the recomputed block's input, copied back

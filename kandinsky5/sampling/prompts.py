@@ -57,6 +57,7 @@ __all__ = [
     "prompt_from_dict",
     "describe_frames",
     "musubi_frames_hint",
+    "prepend_trigger",
     "LINE_KEYS",
     "DICT_KEYS",
 ]
@@ -357,3 +358,12 @@ def read_prompt_file(path: str | Path, flag: str = "--prompt_file") -> list[Prom
         log.info("%s: --f / frame_count %d counts VIDEO frames here (%s)", given.source, given.frames,
                  musubi_frames_hint(given.frames))  # fmt: skip
     return lines
+
+
+def prepend_trigger(trigger: str, prompt: str) -> str:
+    """``trigger + prompt`` as the official pipeline prepends a LoRA's ``trigger`` metadata; a space is inserted
+    when neither side has one at the joint, and a prompt that already starts with the trigger is left alone."""
+    if not trigger or prompt.startswith(trigger):
+        return prompt
+    joint = "" if trigger[-1:].isspace() or prompt[:1].isspace() or not prompt else " "
+    return trigger + joint + prompt

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -98,6 +99,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be >= 1, got {value}")
     if args.scale_weight_norms is not None and not args.scale_weight_norms > 0:
         raise UserError(f"--scale_weight_norms must be > 0, got {args.scale_weight_norms}")
+    if not 0 < args.learning_rate < math.inf:
+        raise UserError(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    if args.network_alpha is not None and not 0 <= args.network_alpha < math.inf:
+        raise UserError(f"--network_alpha must be >= 0 (0 means alpha = rank), got {args.network_alpha}")
 
 
 def scheduler_config(args: argparse.Namespace) -> optim.SchedulerConfig:

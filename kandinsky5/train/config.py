@@ -40,6 +40,9 @@ class NetworkConfig:
     dropout: float | None = None  # --network_dropout (rank-activation dropout)
     args: Mapping[str, Any] = field(default_factory=dict)  # --network_args, literal-parsed
     weights: Path | None = None  # --network_weights: start from this LoRA
+    dim_from_weights: bool = False  # --dim_from_weights: modules, kinds, ranks and alphas from --network_weights
+    base_weights: tuple[Path, ...] = ()  # --base_weights: merged into the DiT before training
+    base_multipliers: tuple[float, ...] = ()  # --base_weights_multiplier, one per base file
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,8 @@ class SaveConfig:
     last_n_epochs: int | None = None  # keep only the newest N epoch checkpoints (and their states)
     last_n_steps: int | None = None  # keep the step checkpoints of the last N steps (and their states), as musubi
     save_state: bool = False  # write a resumable state directory with every checkpoint and at the end
-    format: str = "diffusers"
+    format: str | None = None  # None: diffusers for LoRA, comfyui for LoHa / LoKr
+    precision: torch.dtype | None = None  # --save_precision (None: the training dtype, fp32)
     last_n_epochs_state: int | None = None  # states rotate apart from the LoRA files (default: as last_n_epochs)
     last_n_steps_state: int | None = None  # (default: as last_n_steps)
     state_on_train_end: bool = False  # a state directory at the end even without save_state
@@ -65,6 +69,23 @@ class SaveConfig:
             return (self.last_n_epochs_state if state else None) or self.last_n_epochs
         n = (self.last_n_steps_state if state else None) or self.last_n_steps
         return None if n is None or not self.every_n_steps else n // self.every_n_steps + 1
+
+
+@dataclass(frozen=True)
+class MetadataConfig:
+    """What the saved adapter files say about the run (--no_metadata, --trigger_word, --metadata_*)."""
+
+    enabled: bool = True  # False (--no_metadata): only the minimum kohya keys, modelspec and the trigger word
+    trigger_word: str | None = None  # stored as the official ``trigger`` key
+    training_comment: str | None = None
+    title: str | None = None  # modelspec.title (default: --output_name)
+    author: str | None = None
+    description: str | None = None
+    license: str | None = None
+    tags: str | None = None
+    resolution: str | None = None  # "W,H" (default: the task's resolution)
+    architecture: str | None = None  # overrides modelspec.architecture
+    full_paths: bool = False  # ss_datasets with absolute paths instead of directory names
 
 
 @dataclass(frozen=True)
@@ -139,6 +160,7 @@ class TrainConfig:
     cuda_allow_tf32: bool = False  # --cuda_allow_tf32: TF32 matmuls and convolutions
     cudnn_benchmark: bool = False  # --cuda_cudnn_benchmark
     scale_weight_norms: float | None = None  # --scale_weight_norms: max-norm of each LoRA delta (train/regularize)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
     compile: CompileConfig | None = None  # --compile and its companions (None or disabled: eager)
 
     @property

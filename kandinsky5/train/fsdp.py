@@ -202,10 +202,12 @@ def check_shared_directory(ctx: DistContext, directory: Path) -> None:
 
 
 def _shadow_network(cfg: TrainConfig, module, dit: nn.Module) -> nn.Module:
-    """An unsharded CPU copy of the network for saving on rank 0 (global RNG untouched)."""
-    n = cfg.network
+    """An unsharded CPU copy of the network for saving on rank 0 (global RNG untouched); the same modules and
+    shapes as the trained one (any adapter kind; ``--dim_from_weights``: those of the file)."""
+    from kandinsky5.train.adapters import new_network
+
     with torch.random.fork_rng(devices=[]):
-        return module.create_network(1.0, n.dim, n.alpha, dit, dict(n.args), neuron_dropout=n.dropout)
+        return new_network(cfg, module, dit)
 
 
 def build_fsdp_engine(cfg: TrainConfig, ctx: DistContext, seed: int, make_network) -> FSDPEngine:

@@ -2,10 +2,11 @@
 loads; ``--blocks_to_swap auto`` resolved here.
 
 Inputs: the cached items' latent shapes and dataset batch sizes (``dataset.latent_dataset.CachedItem``: shape
-``(T, h, w)``), the sampling requests at their own resolution (CFG batch), the LoRA tensors the network module
-creates (built on a meta DiT: any ``--network_module`` / ``--network_args`` is counted exactly), the optimizer,
-the attention and the precision.  Text is planned at the task's maximum length.  The budget, the rule of ``auto``
-and the error when nothing fits: ``kandinsky5.memory.planner``.
+``(T, h, w)``), the sampling requests at their own resolution (CFG batch), the adapter tensors the network module
+creates (built on a meta DiT: any ``--network_module`` / ``--network_args`` is counted exactly; LoHa and LoKr with
+their own activations, :func:`network_workload`), the optimizer, the attention and the precision.  Text is planned
+at the task's maximum length.  The budget, the rule of ``auto`` and the error when nothing fits:
+``kandinsky5.memory.planner``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import importlib
 
 import torch
 
-from kandinsky5.common import get_logger
-from kandinsky5.memory.activations import StepShape, Workload, optimizer_kind
+from kandinsky5.common import UserError, get_logger
+from kandinsky5.memory.activations import StepShape, Workload, network_workload, optimizer_kind
 from kandinsky5.memory.planner import Planner, RunPlan, check_memory, distinct, sampling_shape
 from kandinsky5.train.config import TrainConfig
 
@@ -25,21 +26,37 @@ __all__ = ["lora_shapes_of", "training_shapes", "check_training_memory"]
 log = get_logger(__name__)
 
 
-def lora_shapes_of(cfg: TrainConfig) -> tuple[tuple[int, int], ...] | None:
-    """2-D shapes of the trainable tensors ``--network_module`` creates, from a meta DiT (None: not buildable)."""
-    from kandinsky5.model.dit import DiT
-
-    n = cfg.network
-    try:
-        module = importlib.import_module(n.module)
-        with torch.device("meta"):
-            network = module.create_network(1.0, n.dim, n.alpha, DiT(cfg.task.dit), dict(n.args),
-                                            neuron_dropout=n.dropout)  # fmt: skip
-    except (ImportError, ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
-        log.debug("memory plan: LoRA shapes from the default targets (%s)", exc)
+def lora_shapes_of(network) -> tuple[tuple[int, int], ...] | None:
+    """2-D shapes of the trainable tensors of ``network`` (None: not buildable; the default targets are used)."""
+    if network is None:
         return None
     shapes = [tuple(p.shape) for p in network.parameters() if p.requires_grad]
     return tuple((s[0], s[1] if len(s) > 1 else 1) for s in shapes)
+
+
+def _meta_network(cfg: TrainConfig):
+    """The network the trainer builds (any adapter kind; ``--dim_from_weights``: the file's), on a meta DiT."""
+    from kandinsky5.model.dit import DiT
+    from kandinsky5.train.adapters import new_network
+
+    try:
+        module = importlib.import_module(cfg.network.module)
+        with torch.device("meta"):
+            dit = DiT(cfg.task.dit)
+            if not cfg.network.dim_from_weights:
+                return new_network(cfg, module, dit)
+        return new_network(cfg, module, dit)  # the file's tensors, read on the CPU (its alphas are read as numbers)
+    except (ImportError, ValueError, TypeError, RuntimeError, NotImplementedError, UserError) as exc:
+        log.debug("memory plan: LoRA shapes from the default targets (%s)", exc)
+        return None
+
+
+def adapter_workload(cfg: TrainConfig, act_bytes: int) -> dict[str, object]:
+    """The activation model's adapter inputs (``Workload`` fields) for the network the trainer builds."""
+    network = _meta_network(cfg)
+    if network is None:
+        return {"lora": None, "lora_rank": cfg.network.dim}
+    return {"lora": lora_shapes_of(network), "lora_rank": cfg.network.dim, **network_workload(network, act_bytes)}
 
 
 def training_shapes(task, items) -> tuple[StepShape, ...]:
@@ -54,10 +71,11 @@ def check_training_memory(cfg: TrainConfig, ctx, items, requests) -> TrainConfig
     from kandinsky5.model.loading import checkpoint_files, read_header
 
     shards = ctx.world_size if cfg.distributed.fsdp else 1
-    work = Workload(lora_rank=cfg.network.dim, lora=lora_shapes_of(cfg), optimizer=optimizer_kind(cfg.optimizer.type),
+    act = 2 if cfg.autocast else 4
+    work = Workload(optimizer=optimizer_kind(cfg.optimizer.type),
                     attention="nabla" if cfg.attention.nabla else cfg.attention.backend, nabla=cfg.attention.nabla,
-                    act_bytes=2 if cfg.autocast else 4, accumulation=cfg.gradient_accumulation_steps,
-                    shards=shards, step_cache=cfg.sample.magcache is not None)  # fmt: skip
+                    act_bytes=act, accumulation=cfg.gradient_accumulation_steps, shards=shards,
+                    step_cache=cfg.sample.magcache is not None, **adapter_workload(cfg, act))  # fmt: skip
     samples = distinct([sampling_shape(cfg.task, r) for r in requests])
     header = read_header(checkpoint_files(cfg.dit_path))
     run = RunPlan(cfg.task, cfg.weight_dtype, work, training_shapes(cfg.task, items), samples, header=header,

@@ -53,6 +53,11 @@ def loraplus_ratio(n: NetworkConfig) -> float | None:
 def check_before_load(cfg: TrainConfig, total_steps: int) -> None:
     """The optimizer and the schedule on stand-in parameters (LoRA+ groups included), on every rank.  The network
     itself is built on a meta-device DiT by ``train.startup.meta_network`` (start-up checks, rank 0) just before."""
+    if cfg.distributed.fsdp and cfg.network.base_weights:
+        raise UserError(
+            "--base_weights with --fsdp: merging into a sharded DiT is not offered; train without --fsdp, or merge "
+            "the adapters into the checkpoint first"
+        )
     ratio = loraplus_ratio(cfg.network)
     optim.check_build(cfg.optimizer, cfg.scheduler, total_steps, ratio)
     if ratio is not None:

@@ -2,7 +2,9 @@
 
 For every LoRA module with ``dW = scale * up @ down`` (``up`` (out, r), ``down`` (r, in)): if ``||dW||_F`` exceeds
 ``max_norm``, both ``up`` and ``down`` are multiplied by ``sqrt(max_norm / ||dW||_F)``, so ``||dW||_F`` becomes
-``max_norm``.  Every process applies it to identical weights, so they stay identical.
+``max_norm``.  LoHa / LoKr modules (``networks.lycoris``: ``delta_weight`` and ``scale_delta_``) get the same
+rule on their full ``dW``: both Hadamard / Kronecker factors are scaled by ``sqrt(max_norm / ||dW||_F)``.  Every
+process applies it to identical weights, so they stay identical.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ def max_norm_(network: torch.nn.Module, max_norm: float) -> NormStats:
             down.mul_(ratio)
             scaled, norm = scaled + 1, max_norm
         norms.append(norm)
+    for module in (m for m in network.modules() if hasattr(m, "scale_delta_")):  # LoHa, LoKr
+        norm = float(module.delta_weight(1.0).norm())
+        if norm > max_norm:
+            module.scale_delta_(max_norm / norm)
+            scaled, norm = scaled + 1, max_norm
+        norms.append(norm)
     if not norms:
-        raise ValueError("--scale_weight_norms needs a LoRA network with lora_up / lora_down weights")
+        raise ValueError("--scale_weight_norms needs a LoRA, LoHa or LoKr network")
     return NormStats(scaled, sum(norms) / len(norms), max(norms))

@@ -63,6 +63,8 @@ class Run:
     monitor: Any = None  # kandinsky5.train.monitor.Monitor: console, trackers, history (saved in the state)
     started_at: float = field(default_factory=time.time)
     engine: Engine | None = None  # single process, DDP or FSDP (kandinsky5.train.distributed)
+    datasets: list | None = None  # ss_datasets summary (dataset.summary)
+    base_sha256: str | None = None  # full sha256 of the base checkpoint (None with --no_metadata)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -125,7 +127,9 @@ def lora_metadata(run: Run) -> dict[str, object]:
         "ss_network_dropout": cfg.network.dropout, "ss_training_started_at": run.started_at,
         "ss_training_finished_at": time.time(),
     }  # fmt: skip
-    return run.module.training_metadata(
+    from kandinsky5.train.adapters import file_metadata
+
+    full = run.module.training_metadata(
         run.network,
         task=cfg.task.name,
         base_checkpoint_hash=run.fingerprint,
@@ -134,6 +138,7 @@ def lora_metadata(run: Run) -> dict[str, object]:
         network_args=dict(cfg.network.args),
         **{k: str(v) for k, v in extra.items()},
     )
+    return file_metadata(run, full)
 
 
 def save_checkpoint(run: Run, stem: str, state: bool) -> None:
@@ -171,7 +176,7 @@ def _write_checkpoint(run: Run, path: Path, state: bool, rng: list[dict], networ
     cfg = run.cfg
     with guarded_write(path, "LoRA") as tmp:  # renamed only after the state directory is complete
         network = run.engine.saveable_network(network_sd)
-        run.module.save_lora(tmp, network, lora_metadata(run), format=cfg.save.format)
+        run.module.save_lora(tmp, network, lora_metadata(run), format=cfg.save.format, dtype=cfg.save.precision)
         if run.monitor is not None:
             run.monitor.on_save(run.progress.step, path)  # recorded in the history (saved in the state); loss.png
         if state:

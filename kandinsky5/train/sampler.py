@@ -12,6 +12,7 @@ Layouts: decoded frames ``(F, H, W, 3)`` uint8 (``SampleOutput.frames``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ import torch
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.sampling import pipeline
-from kandinsky5.sampling.prompts import read_prompt_file
+from kandinsky5.sampling.prompts import prepend_trigger, read_prompt_file
 from kandinsky5.train.config import TrainConfig
 from kandinsky5.train.state import (
     capture_rng,
@@ -36,8 +37,11 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 
-def sample_requests(task: TaskConfig, prompts: Path) -> list[pipeline.GenerationRequest]:
+def sample_requests(task: TaskConfig, prompts: Path, trigger: str | None = None) -> list[pipeline.GenerationRequest]:
     """Parse and check the ``--sample_prompts`` file (no model needed); errors name the flag, file and line.
+
+    ``trigger`` (--trigger_word) is prepended to each prompt as the official pipeline and our generator will do
+    with the saved file (prompts that already start with it are left alone).
 
     The trainer calls this at start-up, before the DiT loads, so a bad prompt file fails in seconds, not at the
     first sample after hours of training.
@@ -45,7 +49,10 @@ def sample_requests(task: TaskConfig, prompts: Path) -> list[pipeline.Generation
     if not Path(prompts).is_file():
         raise UserError(f"--sample_prompts {prompts} does not exist")
     try:
-        return [pipeline.request_from_line(task, line) for line in read_prompt_file(prompts, "--sample_prompts")]
+        lines = read_prompt_file(prompts, "--sample_prompts")
+        if trigger:  # as the official pipeline and our generator will do with the saved file
+            lines = [dataclasses.replace(line, prompt=prepend_trigger(trigger, line.prompt)) for line in lines]
+        return [pipeline.request_from_line(task, line) for line in lines]
     except UserError as exc:  # the message names file:line
         message = str(exc)
         raise UserError(message if message.startswith("--sample_prompts") else f"--sample_prompts {message}") from None

@@ -79,7 +79,13 @@ def meta_network(cfg: TrainConfig) -> MetaNetwork:
     n = cfg.network
     module = import_network_module(n.module)
     with torch.device("meta"):
-        network = create_network(module, n, DiT(cfg.task.dit, cfg.attention))
+        dit = DiT(cfg.task.dit, cfg.attention)
+        if n.dim_from_weights:  # the network is the file's (adapter.network_from_file checks every key)
+            from kandinsky5.train.adapters import network_from_file
+
+            network = network_from_file(module, n.weights, dit)
+        else:
+            network = create_network(module, n, dit)
     alpha = n.alpha if n.alpha else float(n.dim)
     return MetaNetwork(network, {k: tuple(v.shape) for k, v in network.state_dict().items()}, alpha)
 
@@ -210,12 +216,12 @@ def check_checkpoints(cfg: TrainConfig, net: MetaNetwork | None) -> None:
     weights = cfg.network.weights
     if weights is None:
         return
-    header = read_safetensors_header(weights, "--network_weights")
-    warn_task_mismatch(weights, header.metadata, cfg.task, "--network_weights")
+    module = importlib.import_module(cfg.network.module)
+    adapter = module.read_adapter(weights, "--network_weights")  # any format, official directories too
+    warn_task_mismatch(weights, adapter.metadata, cfg.task, "--network_weights")
     if net is None:
         return
-    module = importlib.import_module(cfg.network.module)
-    sd = module.load_lora_state_dict(weights)[0]
+    sd = adapter.sd
     try:
         net.network.load_lora_state_dict(sd, strict=True)
     except (ValueError, RuntimeError) as exc:
