@@ -33,7 +33,7 @@ from kandinsky5 import cli, musubi_compat
 from kandinsky5.common import UserError, get_logger, seed_everything
 from kandinsky5.model import flow
 from kandinsky5.sampling.magcache import magcache_from_args
-from kandinsky5.train import adapters, optim, prechecks, startup, tracker, validation
+from kandinsky5.train import adapters, optim, prechecks, startup
 from kandinsky5.train import args as train_args
 from kandinsky5.train.config import I2V_MODES, SAVE_FORMATS, NetworkConfig, SampleConfig, SaveConfig, TrainConfig
 from kandinsky5.train.distributed import (
@@ -47,7 +47,8 @@ from kandinsky5.train.distributed import (
     distributed_config_from_args,
     init_distributed,
 )
-from kandinsky5.train.monitor import monitor_for
+from kandinsky5.train.insight import tracker, validation
+from kandinsky5.train.insight.monitor import monitor_for
 from kandinsky5.train.objective import batch_to_device, flow_matching_loss
 from kandinsky5.train.regularize import max_norm_
 from kandinsky5.train.run import Run, resume_run, save_and_rotate, save_checkpoint

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from kandinsky5.common import UserError
-from kandinsky5.train import report
-from kandinsky5.train.tracker import TrackerConfig, new_run_folder, sanitized_config
+from kandinsky5.train.insight import report
+from kandinsky5.train.insight.tracker import TrackerConfig, new_run_folder, sanitized_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR)")

@@ -15,8 +15,8 @@ from dataset.split import key_fraction, split_validation
 from kandinsky5.common import UserError
 from kandinsky5.train.config import ValidationConfig
 from kandinsky5.train.distributed import DistContext
+from kandinsky5.train.insight.validation import Validator, noise_seed, parse_timesteps
 from kandinsky5.train.objective import batch_to_device, flow_matching_loss
-from kandinsky5.train.validation import Validator, noise_seed, parse_timesteps
 from tests.test_training import TINY_I2V, random_batch, tiny_dit, write_toy_cache
 
 

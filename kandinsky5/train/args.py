@@ -150,7 +150,7 @@ def timestep_config(args: argparse.Namespace) -> flow.TimestepConfig:
 def show_timesteps(args: argparse.Namespace) -> int:
     """``--show_timesteps``: histogram of this run's timestep settings, then exit (nothing else is needed)."""
     from kandinsky5.cli import task_from_args
-    from kandinsky5.train import timestep_report
+    from kandinsky5.train.insight import timestep_report
 
     cfg = timestep_config(args)
     task = task_from_args(args) if args.task else None

@@ -15,8 +15,8 @@ from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.model import flow
 from kandinsky5.train.distributed import DistributedConfig
+from kandinsky5.train.insight.tracker import TrackerConfig
 from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig
-from kandinsky5.train.tracker import TrackerConfig
 
 if TYPE_CHECKING:
     from kandinsky5.memory.build import MemoryConfig
@@ -110,7 +110,7 @@ VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """The validation loss (``kandinsky5.train.validation``): which items, when, at which t, with which noise."""
+    """The validation loss (``kandinsky5.train.insight.validation``): which items, when, at which t, which noise."""
 
     split: float = 0.0  # --validation_split: fraction of the items held out by item-key hash
     every_n_steps: int | None = None  # --validate_every_n_steps

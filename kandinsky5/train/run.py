@@ -59,8 +59,8 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     last_checkpoint: Path | None = None
     sampler: TrainingSampler | None = None
-    validator: Any = None  # kandinsky5.train.validation.Validator, None without validation items
-    monitor: Any = None  # kandinsky5.train.monitor.Monitor: console, trackers, history (saved in the state)
+    validator: Any = None  # kandinsky5.train.insight.validation.Validator, None without validation items
+    monitor: Any = None  # kandinsky5.train.insight.monitor.Monitor: console, trackers, history (saved in the state)
     started_at: float = field(default_factory=time.time)
     engine: Engine | None = None  # single process, DDP or FSDP (kandinsky5.train.distributed)
     datasets: list | None = None  # ss_datasets summary (dataset.summary)

@@ -1,6 +1,6 @@
 """Sampling during training (rank 0): the ``--sample_prompts`` file is parsed and checked at start-up, the
 prompts are encoded once, and each sampling event denoises with the current LoRA and writes mp4/png files plus one
-contact sheet PNG (rows = prompts, columns = frames; ``kandinsky5.train.report.contact_sheet``).
+contact sheet PNG (rows = prompts, columns = frames; ``kandinsky5.train.insight.report.contact_sheet``).
 
 Memory order (a 24 GB card must never hold Qwen2.5-VL-7B next to the DiT): :meth:`TrainingSampler.prepare` runs at
 start-up, *before the DiT is built*: it encodes every prompt and negative prompt (CPU copies kept), frees the text
@@ -121,7 +121,7 @@ class TrainingSampler:
         self, dit: torch.nn.Module, network: torch.nn.Module, step: int, generator: torch.Generator
     ) -> list[SampleOutput]:
         """Write this event's samples and its contact sheet; returns the samples (for the trackers)."""
-        from kandinsky5.train.report import SheetRow, contact_sheet
+        from kandinsky5.train.insight.report import SheetRow, contact_sheet
 
         if not self.prepared:
             self.prepare()

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kandinsky5.common import atomic_path, get_logger
-from kandinsky5.train.report import format_duration, frame_strip, loss_plot
-from kandinsky5.train.tracker import Tracker, TrackerConfig, new_run_folder, open_tracker
-from kandinsky5.train.validation import ValidationResult
+from kandinsky5.train.insight.report import format_duration, frame_strip, loss_plot
+from kandinsky5.train.insight.tracker import Tracker, TrackerConfig, new_run_folder, open_tracker
+from kandinsky5.train.insight.validation import ValidationResult
 
 log = get_logger(__name__)
 
