@@ -29,6 +29,7 @@ import torch
 from kandinsky5.cli import (
     HelpFormatter,
     add_attention_args,
+    add_compile_args,
     add_config_file_arg,
     add_debug_arg,
     add_magcache_args,
@@ -45,6 +46,7 @@ from kandinsky5.files import load_safetensors, read_safetensors_header, save_saf
 from kandinsky5.memory.planner import check_generation_memory
 from kandinsky5.musubi_compat import add_musubi_args
 from kandinsky5.preflight import check_output_files, warn_task_mismatch
+from kandinsky5.sampling.guidance import CFG_MODES
 from kandinsky5.sampling.pipeline import GenerationRequest, GenerationResult, Kandinsky5Pipeline, request_from_line
 from kandinsky5.sampling.prompts import PromptLine, prepend_trigger, read_prompt_file
 from kandinsky5.sampling.video_io import check_writable, estimate_bytes, to_uint8_frames, write_image, write_video
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add_attention_args(parser)
     add_memory_args(parser)
+    add_compile_args(parser)
     add_magcache_args(parser)
     add_config_file_arg(parser)
     add_debug_arg(parser)
@@ -105,6 +108,14 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--steps", type=int, default=None, help="denoising steps (task default, 50 for most)")
     g.add_argument("--guidance", type=float, default=None, help="CFG weight, 1 = no negative pass (task default)")
+    g.add_argument(
+        "--cfg_mode",
+        choices=CFG_MODES,
+        default="auto",
+        help="cond + negative DiT calls: auto (default: the faster one measured per device and size: batched on "
+        "CUDA; on the CPU batched up to 1024 visual tokens, two calls above), batched (one call, padded text), "
+        "two_calls (as official)",
+    )
     g.add_argument(
         "--scheduler_scale", type=float, default=None, help="time-grid shift s in t = s*u/(1+(s-1)*u) (task default)"
     )
@@ -286,6 +297,7 @@ def _output_sizes(media: list, latents: list, requests: list[GenerationRequest])
 def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
     """Everything about the DiT side that can be checked before any model is loaded -> (attention, memory)."""
     from kandinsky5.memory.build import memory_config_from_args
+    from kandinsky5.memory.compile import compile_config_from_args
     from kandinsky5.model.loading import checkpoint_files, checkpoint_metadata
 
     if not args.dit:
@@ -296,6 +308,7 @@ def _check_model_inputs(args: argparse.Namespace, task: TaskConfig):
     for path in args.lora_weight:
         if not Path(path).is_dir():  # an official LoRA directory is checked when it is read, just after
             read_safetensors_header(path, "--lora_weight")  # a missing, truncated or foreign file: one line, now
+    args.compile_config = compile_config_from_args(args, resolve_device(args.device).type, args.blocks_to_swap)
     precision = (getattr(torch, args.dtype), f"--dtype {args.dtype}")
     return attention_spec_from_args(args, task, precision), memory_config_from_args(args)
 
@@ -418,7 +431,7 @@ def _write_calibration(args, calibrator, request: GenerationRequest) -> None:
 def _load_dit(args: argparse.Namespace, task: TaskConfig, device, dtype, attention, memory):
     from kandinsky5.memory.build import build_dit
 
-    return build_dit(task, args.dit, device, dtype, attention, memory, training=False)
+    return build_dit(task, args.dit, device, dtype, attention, memory, training=False, compile=args.compile_config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=dtype,
         qwen_4bit=args.qwen_4bit,
         vae_tiling=args.vae_tiling,
+        cfg_mode=args.cfg_mode,
         magcache=step_cache,
     )
     pipe.encode_prompts(requests)

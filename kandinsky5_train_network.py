@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(p)
     cli.add_attention_args(p)
     cli.add_memory_args(p, training=True)
+    cli.add_compile_args(p)
     _add_run_args(p)
     cli.add_magcache_args(p, calibrate=False)
     _add_optimizer_args(p)
@@ -237,6 +238,7 @@ def _precision(flag: str | None) -> tuple[torch.dtype, str]:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from kandinsky5.memory.build import memory_config_from_args
+    from kandinsky5.memory.compile import compile_config_from_args
 
     _require(args, "task", "dit", "dataset_config", "output_dir", "output_name")
     task = cli.task_from_args(args)
@@ -328,6 +330,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cudnn_benchmark=args.cuda_cudnn_benchmark,
         scale_weight_norms=args.scale_weight_norms,
         metadata=adapters.metadata_config_from_args(args),
+        compile=compile_config_from_args(args, blocks_to_swap=args.blocks_to_swap),
     )
 
 

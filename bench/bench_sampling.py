@@ -1,14 +1,20 @@
-"""Benchmark one denoising step with classifier-free guidance: batched cond+uncond (ours) vs two DiT calls (official);
+"""Benchmark one denoising step with classifier-free guidance: batched cond+uncond vs two DiT calls, eager vs compiled;
 with ``--magcache``, whole videos on the tiny bundle with and without MagCache step skipping.
 
     python bench/bench_sampling.py --quick            # CPU smoke run, a few seconds
+    python bench/bench_sampling.py                    # D = 512, 4 visual blocks, 256x256x17 (1280 visual tokens)
+    python bench/bench_sampling.py --sizes 128x128x9,256x256x17 --compile
     python bench/bench_sampling.py --model small --width 256 --height 256 --frames 17 --device cuda --dtype bfloat16
     python bench/bench_sampling.py --magcache [--quick]   # MagCache rows (calibrates the tiny DiT first)
 
-A step is exactly what ``kandinsky5.sampling.pipeline.sample_latents`` does per step: build the 33-channel input
-(B, T, h, w, 33), run the DiT on the cond and negative texts (lengths differ: 40 and 24 tokens, so the batched call
-uses the text key mask), combine ``v_u + w (v_c - v_u)``, Euler update.  The DiT has random weights (its speed does
-not depend on them).  Prints a markdown table of seconds per step.
+A step is exactly what ``kandinsky5.sampling.pipeline.sample_latents`` does per step, with the sampler's own CFG
+code (``kandinsky5.sampling.guidance``): build the 33-channel input (B, T, h, w, 33), run the DiT on the cond and
+negative texts (lengths differ: 40 and 24 tokens, so the batched call pads and masks), combine
+``v_u + w (v_c - v_u)``, Euler update.  The DiT has random weights (its speed does not depend on them).
+``--compile`` adds the same two modes on a copy of the DiT whose blocks are compiled
+(``kandinsky5.memory.compile``, inductor; the compile happens in an untimed warm-up step and is reported).
+Every (size, DiT, mode) is timed step by step, interleaved, so a drifting machine load hits all alike; prints a
+markdown table of seconds per step (median and min) and the speed-ups, which is what ``--cfg_mode auto`` is set from.
 
 ``--magcache``: the offline tiny bundle (``kandinsky5.tiny_weights``, real text encoders / VAE / DiT formats) makes
 one calibration video (``--magcache_calibrate``'s code path; the tiny task has no official ratios) on one prompt and
@@ -21,6 +27,7 @@ of the latents and PSNR of the decoded uint8 frames (mean and worst frame).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import statistics
@@ -34,15 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kandinsky5.common import parse_dtype, resolve_device  # noqa: E402
 from kandinsky5.configs import LITE_DIT, TINY_DIT, DiTConfig  # noqa: E402
+from kandinsky5.memory.compile import CompileConfig, compile_blocks  # noqa: E402
 from kandinsky5.model import flow  # noqa: E402
 from kandinsky5.model.dit import DiT  # noqa: E402
 from kandinsky5.model.text_encoders import TextEmbeds  # noqa: E402
-from kandinsky5.sampling.pipeline import SamplingSpec, _cfg_text, _velocity, dit_input  # noqa: E402
+from kandinsky5.sampling.guidance import cfg_inputs, velocity  # noqa: E402
+from kandinsky5.sampling.pipeline import SamplingSpec, dit_input  # noqa: E402
 
 SMALL_DIT = dataclasses.replace(TINY_DIT, model_dim=512, ff_dim=2048, time_dim=256, num_visual_blocks=4)
 MODELS: dict[str, DiTConfig] = {"tiny": TINY_DIT, "small": SMALL_DIT, "lite": LITE_DIT}
 COND_TOKENS, UNCOND_TOKENS = 40, 24
-MODES = ("two calls", "batched")
+MODES = {"two calls": False, "batched": True}
 
 
 def parse() -> argparse.Namespace:
@@ -51,8 +60,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--width", type=int, default=256, help="video width in pixels (256)")
     p.add_argument("--height", type=int, default=256, help="video height in pixels (256)")
     p.add_argument("--frames", type=int, default=17, help="video frames, 4k+1 (17)")
+    p.add_argument("--sizes", default=None, help="several WxHxF sizes, comma-separated (overrides the three above)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode after one warm-up step (5)")
     p.add_argument("--guidance", type=float, default=5.0, help="CFG weight (5)")
+    p.add_argument("--compile", action="store_true", help="also time a copy of the DiT with compiled blocks")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if present)")
     p.add_argument("--dtype", default="float32", help="DiT weight dtype: float32 / bfloat16 / float16 (float32)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 128x128x9, 2 timed steps")
@@ -67,6 +78,8 @@ def parse() -> argparse.Namespace:
         args.video_steps, args.thresholds, args.repeats = 20, [0.12], 2
     if args.quick:
         args.model, args.width, args.height, args.frames, args.steps = "tiny", 128, 128, 9, 2
+    sizes = args.sizes or f"{args.width}x{args.height}x{args.frames}"
+    args.size_list = [tuple(int(v) for v in s.lower().split("x")) for s in sizes.split(",")]
     return args
 
 
@@ -76,51 +89,50 @@ def _text(cfg: DiTConfig, length: int, seed: int) -> TextEmbeds:
     return TextEmbeds(embeds, torch.ones(1, length, dtype=torch.bool), torch.randn(1, cfg.in_text_dim2, generator=g))
 
 
-def _two_calls(dit, model_in, cond, uncond, t, spec, dtype):
-    """Official: a cond forward, then an uncond forward with the negative prompt's own length."""
-    time_in = flow.dit_time(t).expand(1).to(model_in.device)
-    outs = [
-        dit(model_in.to(dtype), te.embeds, te.mask, te.pooled, time_in, scale_factor=spec.rope_scale).float()
-        for te in (cond, uncond)
-    ]
-    return flow.cfg_combine(outs[0], outs[1], spec.guidance)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _step(mode: str, dit, x, k, sigmas, texts, spec, dtype) -> torch.Tensor:
-    """One full sampler step in ``mode``; returns the updated latents."""
-    model_in = dit_input(x, first=False, last=False)
-    if mode == "batched":
-        v = _velocity(dit, model_in, texts["batched"], sigmas[k], spec, dtype)
-    else:
-        v = _two_calls(dit, model_in, texts["cond"], texts["uncond"], sigmas[k], spec, dtype)
-    return flow.euler_step(x, v, sigmas[k], sigmas[k + 1])
+def _build(cfg: DiTConfig, device, dtype) -> DiT:
+    torch.manual_seed(0)
+    dit = DiT(cfg).to(device=device, dtype=dtype).eval()
+    for name, p in dit.named_parameters():  # keep the fp32 policy for time / modulation weights
+        if name.startswith("time_embeddings.") or "modulation." in name:
+            p.data = p.data.float()
+    return dit
 
 
-@torch.no_grad()
-def time_modes(dit, spec: SamplingSpec, cond, uncond, steps: int, device, dtype) -> dict[str, list[float]]:
-    """Seconds per step of each mode, the modes interleaved step by step (fair under a drifting machine load);
-    the first, warm-up round is dropped."""
+@dataclasses.dataclass
+class Case:
+    """One timed configuration: a size, a DiT (eager or compiled) and a CFG mode."""
+
+    size: str
+    dit_name: str
+    mode: str
+    step: object  # () -> None, one sampler step
+    times: list[float] = dataclasses.field(default_factory=list)
+
+
+def _case(size, spec: SamplingSpec, dit, dit_name, mode, texts, device, dtype) -> Case:
     x = torch.randn(1, *spec.latent_shape, device=device)
-    sigmas = flow.sampling_sigmas(steps + 1, spec.scheduler_scale)
-    texts = {
-        "batched": _cfg_text(cond, uncond, spec.guidance).to(device, dtype),
-        "cond": cond.to(device, dtype),
-        "uncond": uncond.to(device, dtype),
-    }
-    times: dict[str, list[float]] = {MODES[0]: [], MODES[1]: []}
-    for k in range(steps + 1):
-        for mode in MODES if k % 2 else MODES[::-1]:
-            _sync(device)
-            start = time.perf_counter()
-            _step(mode, dit, x, k, sigmas, texts, spec, dtype)
-            _sync(device)
-            times[mode].append(time.perf_counter() - start)
-    return {mode: t[1:] for mode, t in times.items()}
+    sigmas = flow.sampling_sigmas(spec.steps + 1, spec.scheduler_scale)
+    text = cfg_inputs(*texts, spec.guidance, MODES[mode], device, dtype)
+
+    @torch.no_grad()
+    def step(k: int = 0) -> None:
+        v = velocity(dit, dit_input(x, first=False, last=False), text, sigmas[k], spec, dtype)
+        flow.euler_step(x, v, sigmas[k], sigmas[k + 1])
+
+    return Case(size, dit_name, mode, step)
+
+
+def _timed(case: Case, device, k: int) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    case.step(k)
+    _sync(device)
+    return time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,26 +251,44 @@ def main() -> int:
         return magcache_main(args)
     device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
     cfg = MODELS[args.model]
-    spec = SamplingSpec(args.width, args.height, args.frames, args.steps, args.guidance, 5.0, seed=0)
-    torch.manual_seed(0)
-    dit = DiT(cfg).to(device=device, dtype=dtype).eval()
-    for name, p in dit.named_parameters():  # keep the fp32 policy for time / modulation weights
-        if name.startswith("time_embeddings.") or "modulation." in name:
-            p.data = p.data.float()
-    cond, uncond = _text(cfg, COND_TOKENS, 1), _text(cfg, UNCOND_TOKENS, 2)
-    t, h, w, _ = spec.latent_shape
-    tokens = t * (h // 2) * (w // 2)
-    results = time_modes(dit, spec, cond, uncond, args.steps, device, dtype)
-    size = f"{args.width}x{args.height}x{args.frames} ({tokens} visual tokens)"
-    print(f"\nDiT `{args.model}` (D={cfg.model_dim}, {cfg.num_visual_blocks} visual blocks), {size}, text "
-          f"{COND_TOKENS}/{UNCOND_TOKENS} tokens, {device}, {str(dtype).removeprefix('torch.')}, "
-          f"threads {torch.get_num_threads()}\n")  # fmt: skip
-    print("| CFG mode | s / step (median) | min | steps timed |")
-    print("|---|---|---|---|")
-    for mode, times in results.items():
-        print(f"| {mode} | {statistics.median(times):.4f} | {min(times):.4f} | {len(times)} |")
-    speedup = statistics.median(results["two calls"]) / statistics.median(results["batched"])
-    print(f"\nspeed-up of batched over two calls (median): {speedup:.2f}x")
+    texts = (_text(cfg, COND_TOKENS, 1), _text(cfg, UNCOND_TOKENS, 2))
+    dits = {"eager": _build(cfg, device, dtype)}
+    if args.compile:
+        dits["compiled"] = copy.deepcopy(dits["eager"])
+        compile_blocks(dits["compiled"], CompileConfig(enabled=True))
+    cases = []
+    for w, h, f in args.size_list:
+        spec = SamplingSpec(w, h, f, args.steps, args.guidance, 5.0, seed=0)
+        t, lh, lw, _ = spec.latent_shape
+        size = f"{w}x{h}x{f} ({t * (lh // 2) * (lw // 2)} tokens)"
+        for name, dit in dits.items():
+            cases += [_case(size, spec, dit, name, mode, texts, device, dtype) for mode in MODES]
+    warmup = {}
+    for case in cases:  # untimed: the compile (and allocator warm-up) happens here
+        warmup[id(case)] = _timed(case, device, 0)
+    for k in range(args.steps):
+        for case in cases if k % 2 else cases[::-1]:
+            case.times.append(_timed(case, device, k))
+    print(f"\nDiT `{args.model}` (D={cfg.model_dim}, {cfg.num_visual_blocks} visual blocks), text {COND_TOKENS}/"
+          f"{UNCOND_TOKENS} tokens, {device}, {str(dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}, "
+          f"guidance {args.guidance}\n")  # fmt: skip
+    print("| size | DiT | CFG mode | s / step (median) | min | steps timed | first step (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for c in cases:
+        med = statistics.median(c.times)
+        print(f"| {c.size} | {c.dit_name} | {c.mode} | {med:.4f} | {min(c.times):.4f} | {len(c.times)} "
+              f"| {warmup[id(c)]:.2f} |")  # fmt: skip
+    print()
+    by_key = {(c.size, c.dit_name, c.mode): statistics.median(c.times) for c in cases}
+    for size, name, _ in by_key:
+        if _ == "batched":
+            ratio = by_key[(size, name, "two calls")] / by_key[(size, name, "batched")]
+            print(f"{size}, {name}: batched is {ratio:.2f}x the speed of two calls (median)")
+    if args.compile:
+        for size, name, mode in by_key:
+            if name == "compiled":
+                print(f"{size}, {mode}: compiled is {by_key[(size, 'eager', mode)] / by_key[(size, name, mode)]:.2f}x "
+                      "the speed of eager (median)")  # fmt: skip
     return 0
 
 

@@ -30,6 +30,9 @@ to ``<output>.json`` (every row with its raw numbers).  Exit status 1 if any row
 
 8. ``activation_model`` -- the start-up memory plan's activation model against ``torch.cuda.max_memory_allocated``
    for Pro-size blocks (a LoRA step with fp8 + checkpointing + swap, one without, a CFG sampling call).
+9. ``compile`` -- ``--compile`` (per-block inductor) against eager on the swap-check DiT with a LoRA: a CFG sampling
+   call and a LoRA step, compile time, speed-up, deviation (``gpu_check_speed.py``).
+10. ``cfg_mode`` -- batched vs two-call CFG for one sampler step, and whether ``--cfg_mode auto`` picks the faster.
 
 Adding a check (e.g. torch.compile of the whole DiT): append
 ``Check(name, function)`` to ``CHECKS``; the function takes :class:`Settings` and returns rows, and must honour
@@ -75,6 +78,7 @@ from gpu_check_base import (  # noqa: E402
     rel,
     sync_debug,
 )
+from gpu_check_speed import check_cfg_mode, check_compile  # noqa: E402
 
 from kandinsky5.common import atomic_path  # noqa: E402
 from kandinsky5.configs import PRO_DIT, TINY_DIT, NablaConfig, get_task  # noqa: E402
@@ -483,6 +487,8 @@ CHECKS: list[Check] = [
     Check("latency", check_latency),
     Check("magcache", check_magcache),
     Check("activation_model", check_activation_model),
+    Check("compile", check_compile),
+    Check("cfg_mode", check_cfg_mode),
 ]
 
 

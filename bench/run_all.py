@@ -20,13 +20,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # script -> number of leading columns that describe the configuration (the rest are measurements)
 SCRIPTS = {
-    "bench_sampling.py": 1,
+    "bench_sampling.py": 3,
     "bench_sampling.py --magcache": 1,
     "bench_train_step.py": 1,
     "bench_memory.py": 3,
     "bench_transients.py": 2,
     "bench_activations.py": 1,
     "bench_distributed.py": 2,
+    "bench_attention.py": 4,
 }
 
 

@@ -5,7 +5,8 @@ The four scripts build their parsers from these groups so that a flag means the 
 * :func:`add_model_args` — ``--task``, ``--dit``, ``--vae``, ``--text_encoder_qwen``, ``--text_encoder_clip``;
 * :func:`add_attention_args` — ``--sdpa | --flash_attn | --flash3 | --sage_attn | --xformers`` and the NABLA group;
 * :func:`add_memory_args` — ``--fp8_base``, ``--fp8_scaled``, ``--fp8_fast``, ``--blocks_to_swap``, ...;
-* :func:`add_magcache_args` — ``--magcache`` and its knobs (generation and sampling during training).
+* :func:`add_magcache_args` — ``--magcache`` and its knobs (generation and sampling during training);
+* :func:`add_compile_args` — ``--compile`` and musubi's ``--compile_backend/mode/dynamic/fullgraph/cache_size_limit``;
 
 :func:`parse_args` reads an optional TOML file (``--config_file``) whose keys must be flag names (unknown keys are an
 error listing the close matches); the command line wins over the file; ``--config_file run`` also finds
@@ -32,6 +33,7 @@ __all__ = [
     "add_model_args",
     "add_attention_args",
     "add_memory_args",
+    "add_compile_args",
     "add_magcache_args",
     "add_config_file_arg",
     "HelpFormatter",
@@ -76,8 +78,11 @@ def add_model_args(parser: argparse.ArgumentParser, dit: bool = True, vae: bool 
 
 
 def add_attention_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("attention (choose at most one backend; default SDPA)")
-    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled_dot_product_attention (default)")
+    g = parser.add_argument_group(
+        "attention (choose at most one backend; default auto: FlashAttention 3/2 for bf16/fp16 on a GPU when "
+        "installed, else SDPA's exact fused kernels; SDPA on the CPU; the choice is logged)"
+    )
+    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled_dot_product_attention, its own kernel choice")
     g.add_argument("--flash_attn", action="store_true", help="FlashAttention 2 for visual self-attention")
     g.add_argument("--flash3", action="store_true", help="FlashAttention 3 (Hopper) for visual self-attention")
     g.add_argument("--sage_attn", action="store_true", help="SageAttention (int8 q/k; not bit-faithful)")
@@ -143,6 +148,32 @@ def add_memory_args(parser: argparse.ArgumentParser, training: bool = False) -> 
             action="store_true",
             help="with --gradient_checkpointing: keep the saved block inputs in CPU memory",
         )
+
+
+def add_compile_args(parser: argparse.ArgumentParser) -> None:
+    """musubi's torch.compile flags (same names and meanings); see ``kandinsky5.memory.compile``."""
+    g = parser.add_argument_group("torch.compile (per DiT block; see docs/performance.md)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each text/visual DiT block (off)")
+    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend (default: inductor)")
+    g.add_argument(
+        "--compile_mode",
+        default="default",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="inductor mode (default: default); modes with CUDA graphs cannot be combined with --blocks_to_swap",
+    )
+    g.add_argument(
+        "--compile_dynamic",
+        default=None,
+        choices=("true", "false", "auto"),
+        help="dynamic shapes: auto (default) compiles the first shape, then once more with symbolic sizes",
+    )
+    g.add_argument("--compile_fullgraph", action="store_true", help="fail on any graph break inside a block (off)")
+    g.add_argument(
+        "--compile_cache_size_limit",
+        type=int,
+        default=None,
+        help="torch._dynamo.config.cache_size_limit: compiled variants kept per block kind (default: torch's, 8)",
+    )
 
 
 def add_magcache_args(parser: argparse.ArgumentParser, calibrate: bool = True) -> None:

@@ -10,6 +10,12 @@ Maths (per target Linear ``W: in -> out``, rank r, alpha a, multiplier m)::
     y = base(x) + m * (a / r) * up(down(x))       down: (r, in) Kaiming-uniform, up: (out, r) zeros
     merged:  W <- W + m * (a / r) * up @ down     (computed in fp32)
 
+A LoRA branch is computed as ``addmm(base(x), down(x), up.T, alpha=m * a / r)``: one GEMM accumulates it into
+the base output (no full-size temporary, no separate add).  LoRA modules that read one input (q/k/v of an
+attention; ``LoRANetwork(shared_input_key=...)``) share one down-projection matmul (:class:`SharedDown`).  Both
+only change how the same sum is evaluated; weights, state-dict keys and files are per module as before
+(``networks.lora_fast``).  LoHa / LoKr modules keep their own branch.
+
 Apply adapters *after* any pass that replaces Linear objects (fp8 conversion), since such a pass drops the wrapper,
 and before ``torch.compile`` (a compiled graph would not see the new forwards).
 
@@ -32,6 +38,7 @@ from torch import nn
 
 from networks.adapters import AdapterKeyError, AdapterModule, TensorDiff, get_linear, unwrap
 from networks.formats import FORMATS, SUFFIXES, from_canonical, group_by_module, to_canonical, unmangle_kohya
+from networks.lora_fast import SharedDown, add_up_projection, group_shared_inputs
 from networks.lycoris import LoHaModule, LoKrModule, lokr_layout
 from networks.metadata import folded_alphas_from_metadata, format_metadata, infer_module_ranks
 
@@ -41,6 +48,7 @@ __all__ = [
     "SUFFIXES",
     "LoRAModule",
     "LoRANetwork",
+    "SharedDown",
     "ADAPTER_KINDS",
     "adapter_factory",
     "modules_from_canonical",
@@ -94,10 +102,26 @@ class LoRAModule(AdapterModule):
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.set_alpha(alpha)
+        self._shared: SharedDown | None = None  # set by LoRANetwork.apply_to for q/k/v-style input groups
+        self._shared_index = 0  # position in self._shared.members
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """``m * scale * up(down(x))`` with the training-time dropouts, in x's dtype."""
-        h = F.linear(x, self.lora_down.weight.to(x.dtype))
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``base(x)`` plus the branch, accumulated by one addmm (``networks.lora_fast``)."""
+        y = self._original(x, *args, **kwargs)
+        h = self._shared.take(self._shared_index, x) if self._shared is not None else None  # taken even if skipped
+        if self.multiplier == 0.0:
+            return y
+        if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
+            return y
+        h, scale = self._regularised(self.down(x) if h is None else h)
+        return add_up_projection(y, h, self.lora_up.weight, scale)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """The rank activation ``down(x)`` (..., r), in x's dtype."""
+        return F.linear(x, self.lora_down.weight.to(x.dtype))
+
+    def _regularised(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Training-time dropouts on the rank activation; returns it with the branch scale ``m * alpha / r``."""
         scale = self.multiplier * self.scale
         if self.training and self.dropout > 0:
             h = F.dropout(h, p=self.dropout)
@@ -105,6 +129,11 @@ class LoRAModule(AdapterModule):
             keep = torch.rand(h.shape[0], *([1] * (h.ndim - 2)), self.rank, device=h.device) > self.rank_dropout
             h = h * keep.to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)
+        return h, scale
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``m * scale * up(down(x))`` with the training-time dropouts, in x's dtype (the unfused branch)."""
+        h, scale = self._regularised(self.down(x))
         return F.linear(h * scale, self.lora_up.weight.to(h.dtype))  # scale the rank-r activation, not the output
 
     @torch.no_grad()
@@ -197,6 +226,9 @@ class LoRANetwork(nn.Module):
     is given -- exactly those modules, or ``modules`` (prebuilt (path, adapter) pairs, e.g. from a file, which
     may mix kinds and hold ``TensorDiff`` entries).  ``parameters()`` are the adapter weights only;
     ``lora_state_dict()`` uses the canonical names.  ``network_module`` names the module that built it (metadata).
+    ``shared_input_key(path)``: LoRA modules with the same (non-None) key read the same input tensor in the model's
+    forward (e.g. q/k/v of one attention); ``apply_to`` fuses their down-projections (:class:`SharedDown`; other
+    adapter kinds run alone).  Parameters and files are per module either way.
     """
 
     def __init__(
@@ -216,9 +248,11 @@ class LoRANetwork(nn.Module):
         factory: Factory | None = None,
         modules: Sequence[tuple[str, nn.Module]] | None = None,
         network_module: str = "networks.lora_kandinsky",
+        shared_input_key: Callable[[str], str | None] | None = None,
     ):
         super().__init__()
         dit = unwrap(dit)
+        self.shared_input_key = shared_input_key
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude or [])
         self.network_module = network_module
@@ -253,11 +287,15 @@ class LoRANetwork(nn.Module):
         dit = unwrap(dit)
         for name, module in self.items():
             module.attach_to_model(dit, name)
+        if self.shared_input_key is not None:
+            group_shared_inputs([(n, m) for n, m in self.items() if isinstance(m, LoRAModule)], self.shared_input_key)
 
     def remove(self) -> None:
         """Restore every original forward (reverse order, so nested wrappers unwind cleanly)."""
         for module in reversed(self.lora_modules):
             module.detach()
+            if isinstance(module, LoRAModule):
+                module._shared = None
 
     def set_multiplier(self, multiplier: float) -> None:
         for module in self.lora_modules:

@@ -38,6 +38,7 @@ and official-repo LoRAs (a directory, or a file with ``config_lora.json`` beside
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ __all__ = [
     "build_network",
     "network_creator",
     "create_network_from_weights",
+    "shared_input_key",
     "save_lora",
     "read_adapter",
     "load_lora_state_dict",
@@ -111,6 +113,19 @@ _COMMON_ARGS = ("include_patterns", "exclude_patterns", "rank_dropout", "module_
 _KIND_ARGS = {"lora": ("loraplus_lr_ratio",), "loha": (), "lokr": ("factor", "decompose_both", "full_matrix")}
 _NETWORK_ARGS = _COMMON_ARGS  # the LoRA module's keys (kept for callers that list them)
 _MUSUBI_CALL_KWARGS = ("vae", "text_encoders", "text_encoder", "unet")  # accepted and ignored (musubi call shape)
+# Linears that read the same input tensor in the DiT's forward (their LoRA down-projections run as one matmul):
+# q/k/v of a self-attention read the modulated stream, k/v of a cross-attention read the text.
+_SHARED_INPUT = re.compile(
+    r"(?P<self>.+\.self_attention)\.(?:to_query|to_key|to_value)|(?P<cross>.+\.cross_attention)\.(?:to_key|to_value)"
+)
+
+
+def shared_input_key(path: str) -> str | None:
+    """Group key of a DiT Linear whose input is shared with other Linears (``LoRANetwork(shared_input_key=...)``)."""
+    m = _SHARED_INPUT.fullmatch(path)
+    if m is None:
+        return None
+    return m.group("self") or f"{m.group('cross')}.context"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,6 +198,7 @@ def build_network(kind: str, network_module: str, multiplier: float, network_dim
         multiplier=multiplier,
         default_include=DEFAULT_INCLUDE_PATTERNS,
         network_module=network_module,
+        shared_input_key=shared_input_key,  # fused q/k/v down-projections (LoRA modules only)
         **args,
     )
     if (network_args or {}).get("verbose") in (True, "True", "true", 1):
@@ -240,7 +256,8 @@ def create_network_from_weights(
     meta, given, local = dict(metadata or {}), dict(origins or {}), {}
     sd, _ = to_canonical(weights_sd, K5_SEGMENTS, folded_alphas_from_metadata(meta), None, local)
     modules = modules_from_canonical(dit, sd, multiplier, origins={k: given.get(v, v) for k, v in local.items()})
-    network = LoRANetwork(dit, modules=modules, network_module=meta.get("ss_network_module", NETWORK_MODULE))
+    network = LoRANetwork(dit, modules=modules, network_module=meta.get("ss_network_module", NETWORK_MODULE),
+                          shared_input_key=shared_input_key)  # fmt: skip
     if for_inference:
         network.requires_grad_(False).eval()
     return network

@@ -70,3 +70,36 @@ def load_module(path, name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# -- the DiT's fp32 chains written plainly (one op per term, fp32 copies of every input): the pre-fusion code, the
+# -- reference of tests/test_fused_numerics.py and the "before" variant of bench/bench_train_step.py
+
+
+def plain_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    normed = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=1e-5)
+    return (normed * (scale + 1.0) + shift).type_as(x)
+
+
+def plain_gated_residual(x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return (x.float() + gate * out.float()).type_as(x)
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if cos.dim() == 3:  # the DiT's (S, 1, D) rows ([c, c], [-s, s] per pair): back to the (S, D/2) tables
+        cos, sin = cos[:, 0, 0::2], sin[:, 0, 1::2]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2)
+
+
+def plain_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved pairs, rounded to bf16 afterwards (as official)."""
+    return _rotate_pairs(x, cos, sin).to(torch.bfloat16).type_as(x)
+
+
+def rope_without_bf16_rounding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE without the official bf16 rounding of q/k: that rounding turns fp32 round-off differences (another
+    summation order, another batch size) into bf16 ulps; tests monkeypatch this in to compare tightly."""
+    return _rotate_pairs(x, cos, sin).type_as(x)

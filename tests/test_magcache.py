@@ -248,11 +248,15 @@ def test_decisions_and_latents_equal_the_official_file(official, dit, case):
     with torch.no_grad():
         ref, ref_ran = official_sample(official, dit, ratios, spec, cond, uncond)
         run = config.start(spec.steps, flow.needs_uncond(spec.guidance))
-        batched = sample_latents(dit, cond, uncond, spec, progress=False, cache=run)
+        batched = sample_latents(dit, cond, uncond, spec, progress=False, cache=run, cfg_mode="batched")
         if flow.needs_uncond(spec.guidance):
             two_calls, two_run = two_call_sample(dit, config, spec, cond, uncond)
             assert _ran(two_run) == ref_ran
             assert torch.equal(two_calls, ref)  # the official call layout: bit-exact
+            sampler_run = config.start(spec.steps, True)  # the sampler's own --cfg_mode two_calls
+            sampler = sample_latents(dit, cond, uncond, spec, progress=False, cache=sampler_run, cfg_mode="two_calls")
+            assert _ran(sampler_run) == ref_ran
+            assert torch.equal(sampler, ref)
     assert run.skipped > 0 and _ran(run) == ref_ran
     if flow.needs_uncond(spec.guidance):
         # one batched call for both streams: the project's batched-vs-separate tolerance (test_pipeline.py)
@@ -267,8 +271,9 @@ def test_decisions_and_latents_equal_the_official_file(official, dit, case):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cfg_mode", ["batched", "two_calls"])
 @pytest.mark.parametrize("mode", ["t2v", "i2v", "first_last", "no_cfg"])
-def test_zero_threshold_is_the_plain_sampler_bit_exact(dit, mode):
+def test_zero_threshold_is_the_plain_sampler_bit_exact(dit, mode, cfg_mode):
     spec = SamplingSpec(64, 48, 13, 6, 1.0 if mode == "no_cfg" else 5.0, 5.0, seed=4)
     g = torch.Generator().manual_seed(5)
     first = torch.randn(1, 1, 6, 8, 16, generator=g) if mode in ("i2v", "first_last") else None
@@ -277,8 +282,8 @@ def test_zero_threshold_is_the_plain_sampler_bit_exact(dit, mode):
     ratios = (1.0,) * (2 * (spec.steps - 1))  # all ones: any positive threshold would skip
     run = _config(ratios, spec.steps, thresh=0.0).start(spec.steps, mode != "no_cfg")
     with torch.no_grad():
-        plain = sample_latents(dit, cond, uncond, spec, first, last, progress=False)
-        cached = sample_latents(dit, cond, uncond, spec, first, last, progress=False, cache=run)
+        plain = sample_latents(dit, cond, uncond, spec, first, last, progress=False, cfg_mode=cfg_mode)
+        cached = sample_latents(dit, cond, uncond, spec, first, last, progress=False, cache=run, cfg_mode=cfg_mode)
     assert run.skipped == 0 and run.calls == spec.steps * (1 if mode == "no_cfg" else 2)
     assert torch.equal(plain, cached)
 
@@ -290,10 +295,13 @@ def test_batched_partial_calls_equal_one_call_per_stream(dit):
     cond, uncond = _text(6, 3), _text(4, 4)
     with torch.no_grad():
         run = config.start(spec.steps, True)
-        batched = sample_latents(dit, cond, uncond, spec, progress=False, cache=run)
+        batched = sample_latents(dit, cond, uncond, spec, progress=False, cache=run, cfg_mode="batched")
         separate, separate_run = two_call_sample(dit, config, spec, cond, uncond)
+        sampler_run = config.start(spec.steps, True)
+        sampler = sample_latents(dit, cond, uncond, spec, progress=False, cache=sampler_run, cfg_mode="two_calls")
     split = [k for k in range(spec.steps) if run.decisions[2 * k][2] != run.decisions[2 * k + 1][2]]
-    assert split and run.decisions == separate_run.decisions
+    assert split and run.decisions == separate_run.decisions == sampler_run.decisions
+    assert torch.equal(sampler, separate)
     ok, rel = rel_close(batched, separate, 1e-4)
     assert ok, rel
 

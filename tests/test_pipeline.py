@@ -131,8 +131,11 @@ def test_i2v_loop_equals_official_reimplementation_exactly(with_last):
 
 def test_cfg_is_one_batched_call_and_skipped_at_guidance_one():
     dit = MockDiT()
-    sample_latents(dit, _text(3, 0), _text(6, 1), _spec(steps=3), progress=False)
+    sample_latents(dit, _text(3, 0), _text(6, 1), _spec(steps=3), progress=False, cfg_mode="batched")
     assert dit.batches == [2, 2, 2]
+    dit = MockDiT()
+    sample_latents(dit, _text(3, 0), _text(6, 1), _spec(steps=3), progress=False, cfg_mode="two_calls")
+    assert dit.batches == [1, 1] * 3
     dit = MockDiT()
     sample_latents(dit, _text(3, 0), None, _spec(steps=3, guidance=1.0), progress=False)
     assert dit.batches == [1, 1, 1]

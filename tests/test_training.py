@@ -19,7 +19,7 @@ from kandinsky5.model import flow
 from kandinsky5.model.dit import DiT
 from kandinsky5.train.objective import TrainBatch, conditioned_frames, dit_input, flow_matching_loss, masked_mse
 from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, parse_kv_args
-from tests.helpers import randomize_
+from tests.helpers import randomize_, rope_without_bf16_rounding
 
 TINY = get_task("k5-tiny-t2v")
 TINY_I2V = get_task("k5-tiny-i2v")
@@ -182,13 +182,6 @@ def _lora(dit, rank=4, seed=3, module="networks.lora_kandinsky"):
     return network
 
 
-def _rope_without_bf16_rounding(x, cos, sin):
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
-
-
 @pytest.mark.parametrize("rounding", ["official bf16 q/k rounding", "no rounding"])
 def test_mixed_length_batch_equals_per_sample_loss_and_grads(rounding, monkeypatch):
     """One batched DiT call with padded captions == the mean of per-sample calls, loss and LoRA gradients.
@@ -198,7 +191,7 @@ def test_mixed_length_batch_equals_per_sample_loss_and_grads(rounding, monkeypat
     they agree to fp32 round-off per tensor.
     """
     if rounding == "no rounding":
-        monkeypatch.setattr("kandinsky5.model.dit.apply_rope", _rope_without_bf16_rounding)
+        monkeypatch.setattr("kandinsky5.model.dit.apply_rope", rope_without_bf16_rounding)
     dit = tiny_dit()
     network = _lora(dit)
     with torch.no_grad():

@@ -23,7 +23,8 @@ Saved per visual block in training with the default LoRA targets (q/k/v/out of b
 
 Text blocks: the same with l tokens, one attention and 6 LoRA targets.  The first block of each stream has a frozen
 input, so it keeps one LayerNorm input and three LoRA weight copies fewer.  Shared by all blocks: the text stream
-(act bld), the RoPE tables (4 s hd + 4 l hd) and the output layer's LayerNorm input.
+(act bld), the RoPE rows (``dit.rope_rows``: fp32 cos and sin (S, 1, hd): 8 s hd + 8 l hd) and the output layer's
+LayerNorm input.
 
 With ``--gradient_checkpointing`` a block keeps only its input x (act bsd, none with the CPU offload); in backward
 one block is recomputed at a time, so the peak holds every stored input, one block's saved set and the gradients
@@ -35,8 +36,10 @@ backward proceeds and stored inputs are freed, so the peak is evaluated at the f
 
 Sampling (no grad, batch = 2 for a batched CFG step): the residual stream exists three times inside a block (the
 caller's input, the current x and the previous branch output) next to the modulated input, and the largest
-transient is the FFN hidden (2 act bsf, 3 with an un-merged LoRA: base, branch and sum), the fp32 ``modulate``
-chain (12bsd) or, with fp8, a dequantised weight (fp32 copy and product, 8 B per weight).
+transient is the FFN hidden (2 act bsf, also with an un-merged LoRA: ``networks.lora_fast`` adds the up-projection
+into a copy of the base output, no separate branch tensor), the fp32 ``modulate`` chain (12bsd), RoPE on k (q, k, v
+next to the block streams and two fp32 temporaries: 3 act bsd + 8bsd) or, with fp8, a dequantised weight (fp32
+copy and product, 8 B per weight).
 
 Attention kernels (``--sdpa`` on CUDA runs the flash kernel for bf16; ``--flash_attn`` / ``--flash3`` are the
 same): saved q, k, v, out and an fp32 log-sum-exp, never the s x s scores.  NABLA (flex attention) saves the same
@@ -126,7 +129,7 @@ class Workload:
     attention: str = "sdpa"  # any dense backend name, or "nabla"
     nabla: NablaConfig | None = None
     act_bytes: int = 2  # activation itemsize: 2 bf16 autocast / bf16 run, 4 fp32
-    runtime_lora: bool = True  # sampling: LoRA branches un-merged (sampling during training)
+    runtime_lora: bool = True  # sampling: LoRA branches un-merged (their parameters count; no larger transient)
     accumulation: int = 1  # gradient accumulation: from the second micro-batch on every LoRA gradient exists
     shards: int = 1  # --fsdp ranks: the LoRA, its gradients and optimizer state are split over them
     branch_width: int | None = None  # per-token width a branch keeps between its products (None: lora_rank)
@@ -253,12 +256,12 @@ def block_saved_bytes(cfg: DiTConfig, shape: StepShape, work: Workload, visual: 
 
 
 def shared_saved_bytes(cfg: DiTConfig, shape: StepShape, work: Workload, output_layer: bool = True) -> int:
-    """Saved once for all blocks: the text stream, the RoPE tables and (until its backward ran first) the output
+    """Saved once for all blocks: the text stream, the RoPE rows and (until its backward ran first) the output
     layer's LayerNorm input."""
     b, s, lt, a = shape.batch, shape.tokens, shape.text_tokens, work.act_bytes
     d, hd = cfg.model_dim, cfg.head_dim
     out = 4 * b * s * d + 8 * b * s + 4 * b * d if output_layer else 0
-    return a * b * lt * d + 4 * s * hd + 4 * lt * hd + out
+    return a * b * lt * d + 8 * s * hd + 8 * lt * hd + out
 
 
 def _blocks(tokens: int) -> int:
@@ -360,10 +363,11 @@ def _forward_transient(cfg: DiTConfig, shape: StepShape, work: Workload, fp8: bo
     b, s, a = shape.batch, shape.tokens, work.act_bytes
     d, f = cfg.model_dim, cfg.ff_dim
     streams = 3 * a * b * s * d  # current x, previous branch output, modulated input
-    hidden = (3 if work.runtime_lora else 2) * a * b * s * f
+    hidden = 2 * a * b * s * f  # a runtime LoRA's up-projection accumulates into a copy of the base output (addmm)
     options = [
-        (streams + hidden, f"FFN hidden ({3 if work.runtime_lora else 2} x b s f)"),
+        (streams + hidden, "FFN hidden (2 x b s f)"),
         (2 * a * b * s * d + 12 * b * s * d, "modulate fp32 chain (3 x 4 b s d)"),
+        (streams + 3 * a * b * s * d + 8 * b * s * d, "RoPE on k: q, k, v and two fp32 (b s d) temporaries"),
         (streams + dequant_bytes(cfg, fp8) + a * b * s * f, "fp8 dequantised FFN weight (fp32)"),
     ]
     attn, label = _attention_transient(cfg, shape, work, False)
@@ -498,10 +502,10 @@ def sampling_estimate(
     sw = _switches(memory)
     b, s, lt, a, d = shape.batch, shape.tokens, shape.text_tokens, work.act_bytes, cfg.model_dim
     transient, label = _forward_transient(cfg, shape, work, sw.fp8 and not sw.fast)
-    resident = a * b * s * d + a * b * lt * d + 4 * s * cfg.head_dim  # block input, text stream, RoPE tables
+    resident = a * b * s * d + a * b * lt * d + 8 * s * cfg.head_dim  # block input, text stream, RoPE rows
     terms = _weight_terms(weights) + (_lora(cfg, work).terms(work) if lora_state else [])
     terms += [Term("batch tensors", batch_bytes(cfg, shape, "sampling", a)),
-              Term("activations", resident, "block input, text stream, RoPE tables"),
+              Term("activations", resident, "block input, text stream, RoPE rows"),
               Term("largest transient", transient, label)]  # fmt: skip
     if work.step_cache:  # one residual per CFG stream across steps, and the stack's input held for the next one
         terms.append(Term("MagCache residuals", a * (max(b, 2) + b) * s * d, "cond + uncond residual, blocks' input"))

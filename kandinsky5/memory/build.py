@@ -26,7 +26,8 @@ cost their transfer time on the critical path but need no synchronisation.
 
 :func:`build_dit` order: read the checkpoint header -> meta model -> fp8 conversion (policy linears, or the file's
 pre-quantised ones) -> memory plan, logged -> streaming load through a per-tensor ``LoadTransform`` (quantise on the
-GPU when there is one, streamed blocks' tensors to CPU memory, others to the device) -> block swap -> checkpointing.
+GPU when there is one, streamed blocks' tensors to CPU memory, others to the device) -> block swap -> torch.compile
+per block (``kandinsky5.memory.compile``; hooks stay outside the compiled regions) -> checkpointing.
 Layouts: see ``kandinsky5.model.dit`` (blocks take x (B, S, D) / (B, L, D) first, which is what is offloaded).
 """
 
@@ -43,6 +44,7 @@ from kandinsky5.common import UserError, get_logger
 from kandinsky5.configs import TaskConfig
 from kandinsky5.memory import fp8
 from kandinsky5.memory.block_swap import BlockSwapper, disable_block_swap, enable_block_swap, get_swapper, pin
+from kandinsky5.memory.compile import CompileConfig, compile_blocks
 from kandinsky5.memory.dtype_policy import FP8_DTYPE, load_dtype
 from kandinsky5.memory_plan import MemoryPlan, max_blocks_to_swap, memory_plan, stored_dtypes, streamed_block_names
 from kandinsky5.model.dit import AttentionSpec, DiT
@@ -303,8 +305,12 @@ def build_dit(
     attention: AttentionSpec | None,
     memory: MemoryConfig,
     training: bool = False,
+    compile: CompileConfig | None = None,
 ) -> DiT:
-    """Load the DiT with the memory switches applied; its forward is unchanged (see the module docstring)."""
+    """Load the DiT with the memory switches applied; its forward is unchanged (see the module docstring).
+
+    ``compile``: torch.compile each block (``kandinsky5.memory.compile``), before checkpointing wraps it.
+    """
     device = torch.device(device)
     if memory.fp8_fast:
         fp8.check_fp8_fast(device)
@@ -323,6 +329,8 @@ def build_dit(
         if device.type != "cuda":
             log.info("block swap on a %s device: nothing moves (the schedule still runs)", device.type)
         enable_block_swap(dit, memory.blocks_to_swap, device, memory.pinned)
+    if compile is not None:
+        compile_blocks(dit, compile)
     if training and memory.gradient_checkpointing:
         enable_gradient_checkpointing(dit, memory.activation_cpu_offload, pin_memory=device.type == "cuda")
     return dit

@@ -60,7 +60,7 @@ VisualBlocksFn = Callable[..., torch.Tensor]
 class AttentionSpec:
     """How visual self-attention runs: a dense backend name, or NABLA (which then ignores the backend)."""
 
-    backend: str = "sdpa"
+    backend: str = "auto"
     nabla: NablaConfig | None = None
 
 
@@ -92,23 +92,44 @@ def fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return layer(x.float()).float()
 
 
+# The three chains below run on every token of every block.  Each is written as few full-width passes as possible
+# with the same fp32 operations in the same order as the plain formula, so results and gradients are bit-identical
+# to it (tests/test_fused_numerics.py): in-place steps on fresh fp32 temporaries (autograd needs none of the
+# overwritten values), no fp32 copy of a bf16 input that is read once (mixed-dtype ops upcast on the fly), and RoPE
+# on whole contiguous rows (pair-swapped copy times signed sin) instead of stride-2 halves stacked back together.
+# No fused multiply-add anywhere: it would round differently from official.
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``LN(x) * (1 + scale) + shift`` in fp32 (LayerNorm without affine, eps 1e-5), cast to x's dtype."""
     normed = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-5)
-    return (normed * (scale + 1.0) + shift).type_as(x)
+    return normed.mul_(scale + 1.0).add_(shift).type_as(x)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``x + gate * out`` in fp32, cast to x's dtype."""
-    return (x.float() + gate * out.float()).type_as(x)
+    return (gate.float() * out).add_(x).type_as(x)
+
+
+def rope_rows(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, D/2) cos/sin tables -> the (S, 1, D) fp32 rows :func:`apply_rope` multiplies by: ``[c, c]`` and
+    ``[-s, s]`` per pair.  The DiT builds them once per call for all blocks (built inside every attention, autograd
+    would save two more (S, D) fp32 tensors for q and two for k in each block)."""
+    return cos.repeat_interleave(2, dim=-1)[:, None, :], torch.stack([-sin, sin], dim=-1).flatten(-2)[:, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, S, H, D) by angles given as cos/sin (S, D/2); returns bf16-rounded x."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2)
+    """Rotate interleaved pairs of x (B, S, H, D) by angles given as cos/sin (S, D/2) tables or as the (S, 1, D)
+    rows of :func:`rope_rows`; returns bf16-rounded x.
+
+    Pair (x0, x1) -> (x0 c - x1 s, x1 c + x0 s), computed as ``x * [c, c] + [x1, x0] * [-s, s]`` per pair.
+    """
+    if cos.dim() == 2:
+        cos, sin = rope_rows(cos, sin)
+    xf = x.to(torch.float32, copy=True)  # fresh, so it may be scaled in place (autograd keeps only cos and sin)
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    rotated = xf.mul_(cos).add_(swapped.mul_(sin))
+    del swapped  # two fp32 temporaries at most, not three
     return rotated.to(torch.bfloat16).type_as(x)
 
 
@@ -224,7 +245,8 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x (B, S, D); context (B, L, D) for cross-attention; rope = (cos, sin) (S, hd/2); attend(q, k, v)."""
+        """x (B, S, D); context (B, L, D) for cross-attention; rope (cos, sin): see :func:`apply_rope`;
+        attend(q, k, v)."""
         src = x if context is None else context
         q = self._norm(self.to_query(x).unflatten(-1, (-1, self.head_dim)), self.query_norm)
         k = self._norm(self.to_key(src).unflatten(-1, (-1, self.head_dim)), self.key_norm)
@@ -256,7 +278,7 @@ class TextBlock(nn.Module):
         self.feed_forward = FeedForward(cfg.model_dim, cfg.ff_dim)
 
     def forward(self, x, time_embed, rope, text_mask):
-        """x (B, L, D); time_embed (B, Tm); rope (cos, sin) (L, hd/2); text_mask (B, L) bool or None."""
+        """x (B, L, D); time_embed (B, Tm); rope (cos, sin) (see apply_rope); text_mask (B, L) bool or None."""
         mods = self.text_modulation(time_embed)[:, None, :].chunk(6, dim=-1)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
         attend = lambda q, k, v: masked_sdpa(q, k, v, text_mask)  # noqa: E731
@@ -277,7 +299,7 @@ class VisualBlock(nn.Module):
         self.feed_forward = FeedForward(cfg.model_dim, cfg.ff_dim)
 
     def forward(self, x, text, time_embed, rope, text_mask, self_attend):
-        """x (B, S, D); text (B, L, D); rope (cos, sin) (S, hd/2); self_attend(q, k, v) for visual tokens."""
+        """x (B, S, D); text (B, L, D); rope (cos, sin) (see apply_rope); self_attend(q, k, v) for visual tokens."""
         mods = self.visual_modulation(time_embed)[:, None, :].chunk(9, dim=-1)
         out = self.self_attention(modulate(x, mods[0], mods[1]), rope=rope, attend=self_attend)
         x = gated_residual(x, mods[2], out)
@@ -341,7 +363,7 @@ class DiT(nn.Module):
     def embed_text(self, text_embed, text_mask, time_embed):
         """Project and refine the text: (B, L, 3584) -> (B, L, D)."""
         text = self.text_embeddings(text_embed)
-        rope = text_rope(text.shape[1], self.config.head_dim, text.device)
+        rope = rope_rows(*text_rope(text.shape[1], self.config.head_dim, text.device))
         for block in self.text_transformer_blocks:
             text = block(text, time_embed, rope, text_mask)
         return text
@@ -377,7 +399,7 @@ class DiT(nn.Module):
 
         visual = self.visual_embeddings(x)  # (B, T, Hg, Wg, D)
         shape, grid = visual.shape, tuple(visual.shape[1:4])
-        rope = visual_rope(grid, self.config.axes_dims, scale_factor, x.device)
+        rope = rope_rows(*visual_rope(grid, self.config.axes_dims, scale_factor, x.device))
         perm, self_attend = self._visual_attention(grid, x.device)
         tokens = visual.flatten(1, 3)
         del visual  # keep only the shape: the embedding output is not needed after the first block

@@ -19,8 +19,9 @@ Sampler (official ``generation_utils.generate``; ``architecture.md`` 4.2-4.5)
 * Time grid: ``u_k = 1 - k/N`` (``linspace(1, 0, N+1)``), ``t_k = s*u_k / (1 + (s-1)*u_k)``, s = scheduler_scale;
   explicit Euler ``x <- x + (t_{k+1} - t_k) * v`` with the DiT time ``1000 * t_k``.
 * CFG ``v = v_u + w (v_c - v_u)`` with the negative prompt; the unconditional pass is skipped when ``|w - 1| <=
-  1e-6``.  Unlike official (two forwards), cond and uncond run as **one batched DiT call**: both rows of x are the
-  same, and texts of different lengths are right-padded with a key mask, which the DiT handles exactly.
+  1e-6``.  Cond and uncond run as two DiT calls (as official) or as **one batched call** (both rows of x are the
+  same, and texts of different lengths are right-padded with a key mask, which the DiT handles exactly), whichever
+  ``cfg_batched`` picks for the device (measured rule; ``--cfg_mode`` forces one).
 * I2V (official): before every step the noisy latent's frame 0 is overwritten with the clean image latent, the mask
   channel is 1 on frame 0 and the 16 cond channels stay zero; after the last step frame 0 is pasted again and
   ``normalize_first_frame`` renormalises latent frames 0-3 toward frames 4-8 (per-frame mean/std, reference
@@ -55,6 +56,9 @@ from kandinsky5.memory.dtype_policy import FP8_DTYPE, FP32_PARAMS
 from kandinsky5.model import flow
 from kandinsky5.model.text_encoders import TextEmbeds, TextEncoder
 from kandinsky5.model.vae import VideoVAE
+from kandinsky5.sampling.guidance import CFG_MODES, cfg_batched, cfg_inputs, visual_tokens
+from kandinsky5.sampling.guidance import cfg_text as _cfg_text  # noqa: F401 -- tests and bench use these names
+from kandinsky5.sampling.guidance import velocity as _velocity
 from kandinsky5.sampling.prompts import PromptLine, describe_frames, musubi_frames_hint
 from kandinsky5.sampling.video_io import image_to_tensor, load_image, to_uint8_frames
 
@@ -68,6 +72,8 @@ __all__ = [
     "request_from_line",
     "Kandinsky5Pipeline",
     "sample_latents",
+    "CFG_MODES",
+    "cfg_batched",
     "initial_noise",
     "dit_input",
     "normalize_first_frame",
@@ -213,38 +219,6 @@ def _placement(dit: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return first.device, first.dtype
 
 
-def _cfg_text(cond: TextEmbeds, uncond: TextEmbeds | None, guidance: float) -> TextEmbeds:
-    """cond rows, followed by the uncond rows (one uncond row is repeated for every cond row) when CFG is on."""
-    if not flow.needs_uncond(guidance):
-        return cond
-    if uncond is None:
-        raise ValueError(f"guidance {guidance} needs unconditional (negative-prompt) embeddings")
-    rows = range(len(cond))
-    uncond_rows = [0] * len(cond) if len(uncond) == 1 else rows
-    if len(uncond) not in (1, len(cond)):
-        raise ValueError(f"{len(uncond)} negative embeddings for {len(cond)} prompts")
-    items = [cond.unpadded(i) for i in rows] + [uncond.unpadded(j) for j in uncond_rows]
-    return TextEmbeds.pad_stack(items)
-
-
-def _velocity(
-    dit, model_in: torch.Tensor, text: TextEmbeds, t: torch.Tensor, spec: SamplingSpec, dtype, cache=None, step: int = 0
-):
-    """One batched DiT call (cond rows, then uncond rows when CFG is on) -> guided velocity in fp32.
-
-    ``cache`` (a MagCache run, see ``magcache.py``) supplies the call's ``visual_blocks`` for step ``step``."""
-    batch = model_in.shape[0]
-    cfg = flow.needs_uncond(spec.guidance)
-    x = torch.cat([model_in, model_in]) if cfg else model_in
-    time = flow.dit_time(t).expand(x.shape[0]).to(x.device)
-    extra = {} if cache is None else {"visual_blocks": cache.blocks(step, (0, 1) if cfg else (0,))}
-    v = dit(x.to(dtype), text.embeds, text.mask, text.pooled, time, scale_factor=spec.rope_scale, **extra).float()
-    if not cfg:
-        return v
-    v_cond, v_uncond = v.split(batch)
-    return flow.cfg_combine(v_cond, v_uncond, spec.guidance)
-
-
 @torch.no_grad()
 def sample_latents(
     dit,
@@ -256,14 +230,16 @@ def sample_latents(
     progress: bool = True,
     *,
     noise: torch.Tensor | None = None,
+    cfg_mode: str = "auto",
     cache=None,
 ) -> torch.Tensor:
     """Denoise ``initial_noise(spec, len(cond))`` (or ``noise``) -> (B, T, h, w, 16) fp32 latents on the CPU.
 
     ``dit(x, text_embed, text_mask, pooled, time, scale_factor)`` is any module with the DiT's signature; its device
     and compute dtype are read from its parameters.  ``uncond`` may hold one row (shared) or one per prompt; it is
-    unused when ``|guidance - 1| <= 1e-6``.  ``cache``: a ``MagCacheConfig.start`` (or calibration) run for this
-    video, or None; it needs the DiT's ``visual_blocks`` argument.
+    unused when ``|guidance - 1| <= 1e-6``.  ``cfg_mode``: see :func:`cfg_batched`.  ``cache``: a
+    ``MagCacheConfig.start`` (or calibration) run for this video, or None; it needs the DiT's ``visual_blocks``
+    argument.
     """
     device, dtype = _placement(dit)
     x = (initial_noise(spec, len(cond)) if noise is None else noise.float()).to(device)
@@ -271,7 +247,8 @@ def sample_latents(
     last = None if last_latent is None else last_latent.to(device, torch.float32)
     if last is not None and x.shape[1] < 3:
         raise ValueError("a last-frame latent needs at least 3 latent frames (9 video frames)")
-    text = _cfg_text(cond, uncond, spec.guidance).to(device, dtype)
+    batched = cfg_batched(cfg_mode, device, visual_tokens(x))
+    text = cfg_inputs(cond, uncond, spec.guidance, batched, device, dtype)
     sigmas = flow.sampling_sigmas(spec.steps, spec.scheduler_scale)
     visual_cond = dit.config.visual_cond
     for k in tqdm(range(spec.steps), desc="denoising", disable=not progress, leave=False):
@@ -434,10 +411,12 @@ class Kandinsky5Pipeline:
         dtype: torch.dtype = torch.bfloat16,
         qwen_4bit: bool = False,
         vae_tiling: bool = False,
+        cfg_mode: str = "auto",
         magcache=None,
         vae_dtype: torch.dtype | None = None,
     ):
         self.task = task
+        self.cfg_mode = cfg_mode  # see cfg_batched
         self.magcache = magcache  # MagCacheConfig / magcache.Calibrator (anything with .start(steps, cfg)) or None
         self.device, self.dtype = torch.device(device), dtype
         self.vae_dtype = vae_dtype or dtype
@@ -540,7 +519,9 @@ class Kandinsky5Pipeline:
         cond = self.embeds([r.prompt], template)
         uncond = self.embeds([r.negative_prompt], template) if flow.needs_uncond(r.spec.guidance) else None
         cache = None if self.magcache is None else self.magcache.start(r.spec.steps, uncond is not None)
-        return sample_latents(dit, cond, uncond, r.spec, prepared.first, prepared.last, progress, cache=cache)
+        return sample_latents(
+            dit, cond, uncond, r.spec, prepared.first, prepared.last, progress, cfg_mode=self.cfg_mode, cache=cache
+        )
 
     def generate_iter(
         self,

@@ -20,6 +20,7 @@ from kandinsky5.train.optim import OptimizerConfig, SchedulerConfig
 
 if TYPE_CHECKING:
     from kandinsky5.memory.build import MemoryConfig
+    from kandinsky5.memory.compile import CompileConfig
     from kandinsky5.model.dit import AttentionSpec
     from kandinsky5.sampling.magcache import MagCacheConfig
 
@@ -160,6 +161,7 @@ class TrainConfig:
     cudnn_benchmark: bool = False  # --cuda_cudnn_benchmark
     scale_weight_norms: float | None = None  # --scale_weight_norms: max-norm of each LoRA delta (train/regularize)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    compile: CompileConfig | None = None  # --compile and its companions (None or disabled: eager)
 
     @property
     def weight_dtype(self) -> torch.dtype:

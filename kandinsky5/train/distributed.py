@@ -384,7 +384,8 @@ def build_engine(cfg: TrainConfig, ctx: DistContext, seed: int, make_network) ->
         return build_fsdp_engine(cfg, ctx, seed, make_network)
     from kandinsky5.memory.build import build_dit
 
-    dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True)
+    dit = build_dit(cfg.task, cfg.dit_path, ctx.device, cfg.weight_dtype, cfg.attention, cfg.memory, training=True,
+                    compile=cfg.compile)  # fmt: skip
     dit.requires_grad_(False)
     seed_everything(seed)  # the same LoRA init on every rank (DDP also broadcasts rank 0's)
     network, module = make_network(dit)
