@@ -21,11 +21,6 @@ from tests.helpers import load_module
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = json.loads((ROOT / "tests" / "data" / "musubi_k5_flags.json").read_text(encoding="utf-8"))
 
-# Flags that other branches implement at the same time; the lead empties this list when merging them.
-OTHER_BRANCHES = {
-    *("--compile", "--compile_backend", "--compile_mode", "--compile_dynamic", "--compile_fullgraph"),
-    "--compile_cache_size_limit",
-}
 _SCRIPT_KEY = {
     "kandinsky5_train_network.py": "train",
     "kandinsky5_generate_video.py": "generate",
@@ -63,8 +58,6 @@ def _rows():
 
 @pytest.mark.parametrize("script,row", list(_rows()))
 def test_musubi_flag_is_known_or_refused_in_one_line(script, row):
-    if set(row["options"]) & OTHER_BRANCHES:
-        pytest.skip("implemented by another branch")
     parser = _parser(script)
     missing = [o for o in row["options"] if o not in parser._option_string_actions]
     assert not missing, f"{script}: musubi flag(s) {missing} unknown here (implement or refuse in musubi_compat.py)"
