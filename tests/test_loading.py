@@ -95,3 +95,22 @@ def test_unexpected_key_and_missing_file(tmp_path, ckpt):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(UserError, match="corrupt header"):
         load_dit(TASK, bad)
+
+
+def test_a_directory_of_shards_loads_and_one_of_whole_checkpoints_is_refused(tmp_path, ckpt):
+    """Shards split the keys; two whole checkpoints side by side (a t2v and an i2v file, say) are not one model."""
+    _, ref = ckpt
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in ref.state_dict().items()}
+    keys = sorted(state)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    save_file({k: state[k] for k in keys[::2]}, str(shards / "part-1.safetensors"))
+    save_file({k: state[k] for k in keys[1::2]}, str(shards / "part-2.safetensors"))
+    dit = load_dit(TASK, shards, dtype=torch.bfloat16)
+    assert all(torch.equal(dit.state_dict()[k], state[k]) for k in keys)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    for name in ("a_t2v.safetensors", "b_i2v.safetensors"):
+        save_file(state, str(whole / name))
+    with pytest.raises(UserError, match="a_t2v.safetensors and b_i2v.safetensors both hold .*not shards of one"):
+        load_dit(TASK, whole)

@@ -89,7 +89,12 @@ def read_header(files: list[Path], what: str = "--dit") -> dict[str, tuple[tuple
     out: dict[str, tuple[tuple[int, ...], str, Path]] = {}
     for file in files:
         for key, info in read_safetensors_header(file, what).tensors.items():
-            out[_strip(key)] = (info.shape, info.dtype, file)
+            key = _strip(key)
+            if key in out:  # shards split the keys; a repeat means several whole checkpoints side by side
+                first = out[key][2].name
+                raise UserError(f"{what} {file.parent}: {first} and {file.name} both hold {key!r}, so they are "
+                                "separate checkpoints, not shards of one; pass one file")  # fmt: skip
+            out[key] = (info.shape, info.dtype, file)
     return out
 
 
