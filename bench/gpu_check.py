@@ -34,7 +34,7 @@ to ``<output>.json`` (every row with its raw numbers).  Exit status 1 if any row
    call and a LoRA step, compile time, speed-up, deviation (``gpu_check_speed.py``).
 10. ``cfg_mode`` -- batched vs two-call CFG for one sampler step, and whether ``--cfg_mode auto`` picks the faster.
 
-Adding a check (e.g. torch.compile of the whole DiT): append
+Adding a check (e.g. a whole-DiT torch.compile): append
 ``Check(name, function)`` to ``CHECKS``; the function takes :class:`Settings` and returns rows, and must honour
 ``settings.dry_run`` (tiny sizes on the CPU) so that ``tests/test_gpu_check.py`` keeps it from rotting.
 """
