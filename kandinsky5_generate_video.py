@@ -370,25 +370,43 @@ def _trigger_lines(lines: list[PromptLine], adapters: list, enabled: bool) -> li
     return out
 
 
+def _adapter_network(adapter, mult: float, dit: torch.nn.Module, task: TaskConfig):
+    """One --lora_weight as a network on ``dit`` (real or meta); a key that cannot be applied is one line."""
+    from networks.adapters import AdapterKeyError
+    from networks.lora_kandinsky import create_network_from_weights
+
+    try:
+        return create_network_from_weights(mult, adapter.sd, dit, True, adapter.metadata, adapter.origins)
+    except AdapterKeyError as exc:
+        raise UserError(
+            f"LoRA {adapter.weights_path} does not fit the DiT of task {task.name}: first unmatched key "
+            f"{exc.key!r} ({exc.reason}); was it trained for another model or task?"
+        ) from None
+
+
+def _check_adapters(args: argparse.Namespace, task: TaskConfig, adapters: list, act_bytes: int) -> dict:
+    """Every --lora_weight fitted to a weightless (meta) DiT before the real one loads; returns the activation
+    model's adapter fields for runtime mode (the largest LoHa ΔW formed in a forward), else nothing."""
+    from kandinsky5.memory.activations import network_workload
+    from kandinsky5.model.dit import DiT
+
+    with torch.device("meta"):
+        dit = DiT(task.dit)
+    networks = [_adapter_network(a, m, dit, task) for a, m in zip(adapters, _lora_multipliers(args))]
+    if args.lora_mode != "runtime" or not networks:
+        return {}
+    return {"delta_forward": max(network_workload(n, act_bytes)["delta_forward"] for n in networks)}
+
+
 def _apply_loras(dit: torch.nn.Module, args: argparse.Namespace, task: TaskConfig, device, adapters: list) -> list:
     """Merge (or attach, in runtime mode) every --lora_weight; returns the runtime networks (keep them alive).
 
     Every file is checked against the DiT before any weight changes: a key that cannot be applied is an error
     naming the file and the key."""
-    from networks.adapters import AdapterKeyError
-    from networks.lora_kandinsky import create_network_from_weights
-
     networks = []
     for adapter, mult in zip(adapters, _lora_multipliers(args)):
         _warn_lora_settings(str(adapter.weights_path), adapter.metadata, task, args.scheduler_scale)
-        try:
-            network = create_network_from_weights(mult, adapter.sd, dit, True, adapter.metadata, adapter.origins)
-        except AdapterKeyError as exc:
-            raise UserError(
-                f"LoRA {adapter.weights_path} does not fit the DiT of task {task.name}: first unmatched key "
-                f"{exc.key!r} ({exc.reason}); was it trained for another model or task?"
-            ) from None
-        networks.append(network)
+        networks.append(_adapter_network(adapter, mult, dit, task))
     for adapter, network, mult in zip(adapters, networks, _lora_multipliers(args)):
         if args.lora_mode == "merge":
             network.merge_into(dit)
@@ -496,9 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     media_paths, latent_paths = _plan_outputs(args, requests)
     step_cache, requests = _magcache_setup(args, task, requests)
     runtime = bool(args.lora_weight) and args.lora_mode == "runtime"
-    memory = check_generation_memory(
-        task, args.dit, device, dtype, attention, memory, requests, runtime, step_cache=step_cache is not None
-    )
+    adapter_work = _check_adapters(args, task, adapters, dtype.itemsize)
+    memory = check_generation_memory(task, args.dit, device, dtype, attention, memory, requests, runtime,
+                                     step_cache=step_cache is not None, adapter_work=adapter_work)  # fmt: skip
     if not args.vae and (args.output or any(r.image is not None for r in requests)):
         raise UserError("--vae is required (it decodes the video and encodes conditioning images)")
     if not (args.text_encoder_qwen and args.text_encoder_clip):

@@ -5,6 +5,7 @@ Sizes are small (128x128 or image-driven ~128x128, 9 frames, 2 steps) so the who
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 
@@ -238,3 +239,32 @@ def test_lora_trained_with_other_settings_warns(tiny_bundle, tmp_path, caplog):
     text = caplog.text
     assert "trained on k5-tiny-i2v (I2V) and is used with k5-tiny-t2v (T2V)" in text
     assert "trained with --scheduler_scale 7.5; sampling uses 5.0" in text
+
+
+def test_adapters_are_fitted_before_the_dit_loads_and_runtime_loha_is_planned(tiny_bundle, tmp_path, capsys, caplog):
+    """A LoRA of other shapes fails before any weight loads (a weightless DiT checks every key), and a runtime
+    LoHa's ΔW working set enters the start-up memory plan (merge mode forms no ΔW while sampling)."""
+    from kandinsky5.model.dit import DiT
+    from networks import loha_kandinsky
+    from networks.lora_kandinsky import create_network, save_lora
+
+    wide = dataclasses.replace(TINY_DIT, model_dim=2 * TINY_DIT.model_dim, ff_dim=2 * TINY_DIT.ff_dim)
+    other = tmp_path / "wide.safetensors"
+    save_lora(other, create_network(1.0, 4, 4, DiT(wide)))
+    with caplog.at_level("INFO"):
+        assert _run(tiny_bundle, "--prompt", "x", *SMALL, "--output", tmp_path / "o.mp4", "--lora_weight", other) == 1
+    assert "does not fit the DiT of task k5-tiny-t2v" in capsys.readouterr().err
+    assert "loaded DiT" not in caplog.text
+    loha = loha_kandinsky.create_network(1.0, 4, 4.0, DiT(TINY_DIT))
+    path = tmp_path / "loha.safetensors"
+    loha_kandinsky.save_lora(path, loha)
+    seen = []
+    script = main.__globals__  # the generator module's namespace
+    real = script["check_generation_memory"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(script, "check_generation_memory", lambda *a, **k: seen.append(k) or real(*a, **k))
+        for mode in ("merge", "runtime"):
+            args = ["--prompt", "x", *SMALL, "--output", tmp_path / f"{mode}.mp4", "--lora_weight", path]
+            assert _run(tiny_bundle, *args, "--lora_mode", mode) == 0
+    largest = max(m.in_features * m.out_features for m in loha.lora_modules)
+    assert seen[0]["adapter_work"] == {} and seen[1]["adapter_work"] == {"delta_forward": 12 * largest}

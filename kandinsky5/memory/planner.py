@@ -272,14 +272,17 @@ def sampling_shape(task: TaskConfig, request) -> StepShape:
 
 
 def check_generation_memory(
-    task: TaskConfig, dit_path, device, dtype, attention, memory, requests, runtime_lora, step_cache: bool = False
-):
+    task: TaskConfig, dit_path, device, dtype, attention, memory, requests, runtime_lora, step_cache: bool = False,
+    adapter_work: dict | None = None,
+):  # fmt: skip
     """The generator's start-up check (see :func:`check_memory`): every request's sampling call, no LoRA state;
-    ``step_cache``: MagCache (or its calibration) keeps residuals between steps."""
+    ``step_cache``: MagCache (or its calibration) keeps residuals between steps; ``adapter_work``: the runtime
+    adapters' :class:`Workload` fields (``network_workload``)."""
     from kandinsky5.model.loading import checkpoint_files, read_header
 
     work = Workload(attention="nabla" if attention.nabla else attention.backend, nabla=attention.nabla,
-                    act_bytes=dtype.itemsize, runtime_lora=runtime_lora, step_cache=step_cache)  # fmt: skip
+                    act_bytes=dtype.itemsize, runtime_lora=runtime_lora, step_cache=step_cache,
+                    **(adapter_work or {}))  # fmt: skip
     shapes = distinct([sampling_shape(task, r) for r in requests])
     run = RunPlan(task, dtype, work, sample_shapes=shapes, header=read_header(checkpoint_files(dit_path)))
     return check_memory(Planner(run), memory, device, f"generation ({len(shapes)} shape(s))")
