@@ -144,6 +144,9 @@ def test_issue_command_prints_plan_and_auto_choice(capsys):
         assert text in out, text
     assert main([*argv.split(), "--blocks_to_swap", "auto"]) == 0  # no CUDA, no budget: says so, exit 0
     assert "nothing is checked" in capsys.readouterr().out
+    for flag in ("--width", "--batch_size", "--network_dim"):  # 0 is a typo, not the task's default
+        assert main(["--task", "k5-pro-t2v-5s-sd", flag, "0"]) == 1
+        assert f"error: {flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_docs_card_table_is_the_tools_output():

@@ -63,9 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_POSITIVE = ("width", "height", "frames", "batch_size", "text_tokens", "sample_width", "sample_height",
+             "sample_frames", "network_dim", "gradient_accumulation_steps")  # fmt: skip
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    """0 or a negative count is a typo, not "the task's default" (None is)."""
+    for name in _POSITIVE:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+
+
 def _shape(task: TaskConfig, args, batch: int) -> StepShape:
-    frames = args.frames or task.frames
-    shape = StepShape(batch, frames, args.height or task.height, args.width or task.width,
+    frames = task.frames if args.frames is None else args.frames
+    shape = StepShape(batch, frames, task.height if args.height is None else args.height,
+                      task.width if args.width is None else args.width,
                       args.text_tokens or task.text_max_length)  # fmt: skip
     _check_shape(shape, "--width/--height/--frames")
     return shape
@@ -97,6 +110,7 @@ def run_plan_from_args(args: argparse.Namespace) -> tuple[RunPlan, object]:
     """(RunPlan, MemoryConfig) from the flags."""
     from kandinsky5.memory.build import memory_config_from_args
 
+    _check_positive(args)
     task = cli.task_from_args(args)
     attention = cli.attention_spec_from_args(args, task)
     memory = memory_config_from_args(args)
