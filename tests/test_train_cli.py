@@ -179,6 +179,8 @@ def test_documented_errors(tiny_bundle, toy, tmp_path, capsys):
         (["--save_every_n_steps", "0"], "--save_every_n_steps must be >= 1"),
         (["--learning_rate", "-1"], "--learning_rate must be a positive number"),
         (["--network_alpha", "-3"], "--network_alpha must be >= 0"),
+        (["--network_dropout", "1.5"], r"--network_dropout must be in \[0, 1\)"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0"),
         (["--timestep_sampling", "sigma", "--weighting_scheme", "mode", "--mode_scale", "3"], "mode_scale"),
         (["--optimizer_type", "adamx"], "unknown --optimizer_type 'adamx'"),
         (["--lr_scheduler", "cosine_restarts"], "unknown --lr_scheduler 'cosine_restarts'"),

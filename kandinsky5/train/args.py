@@ -101,6 +101,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--scale_weight_norms must be > 0, got {args.scale_weight_norms}")
     if not 0 < args.learning_rate < math.inf:
         raise UserError(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    if args.network_dropout is not None and not 0 <= args.network_dropout < 1:
+        raise UserError(f"--network_dropout must be in [0, 1), got {args.network_dropout}")
+    if not 0 <= args.max_grad_norm < math.inf:
+        raise UserError(f"--max_grad_norm must be >= 0 (0 = no clipping), got {args.max_grad_norm}")
     if args.network_alpha is not None and not 0 <= args.network_alpha < math.inf:
         raise UserError(f"--network_alpha must be >= 0 (0 means alpha = rank), got {args.network_alpha}")
 
