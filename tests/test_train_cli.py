@@ -181,6 +181,8 @@ def test_documented_errors(tiny_bundle, toy, tmp_path, capsys):
         (["--network_alpha", "-3"], "--network_alpha must be >= 0"),
         (["--network_dropout", "1.5"], r"--network_dropout must be in \[0, 1\)"),
         (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0"),
+        (["--lr_scheduler", "polynomial", "--lr_scheduler_power", "-1"], "--lr_scheduler_power must be > 0"),
+        (["--lr_scheduler_num_cycles", "0"], "--lr_scheduler_num_cycles must be >= 1"),
         (["--timestep_sampling", "sigma", "--weighting_scheme", "mode", "--mode_scale", "3"], "mode_scale"),
         (["--optimizer_type", "adamx"], "unknown --optimizer_type 'adamx'"),
         (["--lr_scheduler", "cosine_restarts"], "unknown --lr_scheduler 'cosine_restarts'"),

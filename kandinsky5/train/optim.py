@@ -208,6 +208,10 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """The LR schedule over ``total_steps`` optimizer steps."""
     what = f"--lr_scheduler_type {cfg.type}" if cfg.type else f"--lr_scheduler {cfg.name}"
+    if not cfg.power > 0:  # polynomial decay to the end: a power <= 0 divides by zero at the last step
+        raise UserError(f"--lr_scheduler_power must be > 0, got {cfg.power}")
+    if cfg.num_cycles < 1:  # cosine_with_restarts with 0 cycles is a constant LR
+        raise UserError(f"--lr_scheduler_num_cycles must be >= 1, got {cfg.num_cycles}")
     try:
         return _build_scheduler(optimizer, cfg, total_steps)
     except (TypeError, ValueError) as exc:
