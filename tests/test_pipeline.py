@@ -262,3 +262,16 @@ def test_mp4_and_png_round_trip_with_metadata(tmp_path):
         write_video(tmp_path / "v.mp4", frames, 24, meta)
     write_video(tmp_path / "v.mp4", frames, 12, meta, overwrite=True)
     assert read_video(tmp_path / "v.mp4")[1] == 12
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"guidance": float("nan")}, "--guidance must be a finite number"),
+        ({"scheduler_scale": float("inf")}, "--scheduler_scale must be positive"),
+    ],
+)
+def test_non_finite_guidance_or_scale_is_refused(kw, message):
+    """A NaN guidance would sample a NaN video and write it without complaint."""
+    with pytest.raises(UserError, match=message):
+        _spec(**kw)

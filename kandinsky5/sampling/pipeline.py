@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +123,10 @@ class SamplingSpec:
                 raise UserError(f"--{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value}")
         if self.steps < 1:
             raise UserError(f"--steps must be >= 1, got {self.steps}")
-        if self.scheduler_scale <= 0:
+        if not 0 < self.scheduler_scale < math.inf:
             raise UserError(f"--scheduler_scale must be positive, got {self.scheduler_scale}")
+        if not math.isfinite(self.guidance):
+            raise UserError(f"--guidance must be a finite number, got {self.guidance}")
 
     @classmethod
     def from_task(cls, task: TaskConfig, seed: int = 42, **overrides) -> SamplingSpec:
