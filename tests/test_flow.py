@@ -211,3 +211,10 @@ def test_cfg_combine_and_needs_uncond():
     assert torch.equal(cfg_combine(vc, vu, 1.0), vc)
     assert not needs_uncond(1.0) and not needs_uncond(1.0 + 5e-7)
     assert needs_uncond(5.0) and needs_uncond(0.0)
+
+
+@pytest.mark.parametrize("field", ["shift", "sigmoid_scale", "logit_std", "logit_mean"])
+def test_non_finite_timestep_settings_are_refused(field):
+    """NaN passed ``<= 0`` checks and surfaced as a NaN loss at the first step."""
+    with pytest.raises(ValueError, match=field):
+        TimestepConfig(**{field: float("nan")})

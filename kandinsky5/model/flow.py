@@ -126,8 +126,10 @@ class TimestepConfig:
                 f"need 0 <= min_timestep < max_timestep <= 1000, got {self.min_timestep} / {self.max_timestep}"
             )
         for name in ("shift", "sigmoid_scale", "logit_std"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if not math.isfinite(self.logit_mean):
+            raise ValueError(f"logit_mean must be a finite number, got {self.logit_mean}")
         if not -1.0 < self.mode_scale < _MODE_SCALE_MAX:
             raise ValueError(f"mode_scale must be in (-1, {_MODE_SCALE_MAX:.3f}) for a monotone map")
         if self.mode == "sigma" and math.ceil(self.min_timestep) > math.floor(self.max_timestep):

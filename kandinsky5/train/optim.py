@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,7 +173,7 @@ def check_configs(opt: OptimizerConfig, sched: SchedulerConfig) -> None:
 
 
 def _steps(value: float, total_steps: int, flag: str) -> int:
-    if value < 0:
+    if not 0 <= value < math.inf:
         raise UserError(f"{flag} must be >= 0, got {value}")
     return int(round(value * total_steps)) if 0 < value < 1 else int(value)
 
