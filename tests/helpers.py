@@ -19,6 +19,24 @@ def randomize_(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module
     return module
 
 
+def tiny_random_dit():
+    """The tiny task's DiT with :func:`randomize_` weights (seed 0), in eval mode."""
+    from kandinsky5.configs import get_task
+    from kandinsky5.model.dit import DiT
+
+    torch.manual_seed(0)
+    return randomize_(DiT(get_task("k5-tiny-t2v").dit).eval(), 0)
+
+
+def tiny_dit_inputs() -> tuple:
+    """(x (1, 2, 8, 8, C), text (1, 7, D_text), no mask, pooled (1, D_pooled)) for the tiny DiT, seed 1."""
+    from kandinsky5.configs import get_task
+
+    cfg, g = get_task("k5-tiny-t2v").dit, torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 8, 8, cfg.in_channels, generator=g)
+    return x, torch.randn(1, 7, cfg.in_text_dim, generator=g), None, torch.randn(1, cfg.in_text_dim2, generator=g)
+
+
 def diffusers_dit(cfg: DiTConfig):
     """diffusers' Kandinsky5Transformer3DModel with the same architecture as ``cfg`` (dense attention)."""
     from diffusers import Kandinsky5Transformer3DModel

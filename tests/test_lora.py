@@ -22,26 +22,19 @@ from networks.lora_kandinsky import (
     save_lora,
     training_metadata,
 )
-from tests.helpers import diffusers_dit, diffusers_forward, randomize_, rel_close
+from tests.helpers import diffusers_dit, diffusers_forward, randomize_, rel_close, tiny_dit_inputs, tiny_random_dit
 
 TINY = get_task("k5-tiny-t2v").dit  # 1 text block, 4 visual blocks, D = 128
 
 
 @pytest.fixture(scope="module")
 def dit() -> DiT:
-    torch.manual_seed(0)
-    model = DiT(TINY).eval()
-    randomize_(model, 0)
-    return model
+    return tiny_random_dit()
 
 
 @pytest.fixture(scope="module")
 def inputs() -> tuple:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 2, 8, 8, TINY.in_channels, generator=g)
-    text = torch.randn(1, 7, TINY.in_text_dim, generator=g)
-    pooled = torch.randn(1, TINY.in_text_dim2, generator=g)
-    return x, text, None, pooled, torch.tensor([500.0])
+    return (*tiny_dit_inputs(), torch.tensor([500.0]))
 
 
 def _trained_network(dit: DiT, rank: int = 8, alpha: float = 4.0, seed: int = 2, **network_args) -> LoRANetwork:

@@ -15,7 +15,7 @@ from kandinsky5.model.dit import DiT
 from networks import loha_kandinsky, lokr_kandinsky
 from networks.lora_kandinsky import read_adapter, save_lora
 from networks.lycoris import LoKrModule, factorization, lokr_layout
-from tests.helpers import randomize_
+from tests.helpers import randomize_, tiny_dit_inputs, tiny_random_dit
 
 TINY = get_task("k5-tiny-t2v").dit
 KINDS = {
@@ -28,15 +28,12 @@ KINDS = {
 
 @pytest.fixture(scope="module")
 def dit() -> DiT:
-    torch.manual_seed(0)
-    return randomize_(DiT(TINY).eval(), 0)
+    return tiny_random_dit()
 
 
 @pytest.fixture(scope="module")
 def inputs() -> tuple:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 2, 8, 8, TINY.in_channels, generator=g)
-    return x, torch.randn(1, 7, TINY.in_text_dim, generator=g), None, torch.randn(1, TINY.in_text_dim2, generator=g)
+    return tiny_dit_inputs()
 
 
 def _forward(model, inputs):
