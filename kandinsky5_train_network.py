@@ -254,12 +254,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UserError("--magcache speeds up sampling during training: it needs --sample_prompts")
     timesteps = train_args.timestep_config(args)
     train_args.check_args(args)
-    positive = ("gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "network_dim",
-                "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
-                "sample_every_n_steps", "sample_every_n_epochs")  # fmt: skip
-    for name in positive:
-        if vars(args)[name] is not None and vars(args)[name] < 1:
-            raise UserError(f"--{name} must be >= 1, got {vars(args)[name]}")
     opt_cfg = optim.OptimizerConfig(
         args.optimizer_type, args.learning_rate, optim.parse_kv_args(args.optimizer_args, "--optimizer_args")
     )

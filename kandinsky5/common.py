@@ -57,6 +57,14 @@ DEBUG_FLAG = "--debug"  # every script accepts it: errors then also print the fu
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
+def require_counts(args, names: Sequence[str]) -> None:
+    """Each flag in ``names`` (argparse dests) that was given is >= 1: one line naming the first that is not."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Call ``main(argv)``.  A ``UserError`` -- or an ``OSError`` of the environment (disk full, read-only,
     permission) that escaped the guarded writers -- becomes one ``error: ...`` line on stderr, the last thing

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from kandinsky5 import cli
-from kandinsky5.common import UserError, parse_dtype, run_cli
+from kandinsky5.common import UserError, parse_dtype, require_counts, run_cli
 from kandinsky5.configs import TaskConfig, get_task
 from kandinsky5.memory.activations import GIB, OPTIMIZERS, StepShape, Workload, optimizer_kind
 from kandinsky5.memory.planner import Fit, Planner, RunPlan, device_budget, format_gib
@@ -67,14 +67,6 @@ _POSITIVE = ("width", "height", "frames", "batch_size", "text_tokens", "sample_w
              "sample_frames", "network_dim", "gradient_accumulation_steps")  # fmt: skip
 
 
-def _check_positive(args: argparse.Namespace) -> None:
-    """0 or a negative count is a typo, not "the task's default" (None is)."""
-    for name in _POSITIVE:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
-
-
 def _shape(task: TaskConfig, args, batch: int) -> StepShape:
     frames = task.frames if args.frames is None else args.frames
     shape = StepShape(batch, frames, task.height if args.height is None else args.height,
@@ -110,7 +102,7 @@ def run_plan_from_args(args: argparse.Namespace) -> tuple[RunPlan, object]:
     """(RunPlan, MemoryConfig) from the flags."""
     from kandinsky5.memory.build import memory_config_from_args
 
-    _check_positive(args)
+    require_counts(args, _POSITIVE)  # 0 or less is a typo, not "the task's default" (None is)
     task = cli.task_from_args(args)
     attention = cli.attention_spec_from_args(args, task)
     memory = memory_config_from_args(args)

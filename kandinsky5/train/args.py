@@ -17,13 +17,16 @@ from pathlib import Path
 
 import torch
 
-from kandinsky5.common import UserError, get_logger, parse_dtype
+from kandinsky5.common import UserError, get_logger, parse_dtype, require_counts
 from kandinsky5.model import flow
 from kandinsky5.train import optim
 
 log = get_logger(__name__)
 
-POSITIVE = ("save_last_n_epochs_state", "save_last_n_steps_state", "lr_scheduler_timescale")
+POSITIVE = ("gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "network_dim",
+            "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
+            "save_last_n_epochs_state", "save_last_n_steps_state", "sample_every_n_steps", "sample_every_n_epochs",
+            "lr_scheduler_timescale")  # fmt: skip
 
 
 def add_schedule_args(g: argparse._ArgumentGroup) -> None:
@@ -93,10 +96,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.max_train_epochs and args.max_train_steps:
         log.info("--max_train_epochs %d and --max_train_steps %d: the epochs decide (as musubi)",
                  args.max_train_epochs, args.max_train_steps)  # fmt: skip
-    for name in POSITIVE:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
+    require_counts(args, POSITIVE)
     if args.scale_weight_norms is not None and not args.scale_weight_norms > 0:
         raise UserError(f"--scale_weight_norms must be > 0, got {args.scale_weight_norms}")
     if not 0 < args.learning_rate < math.inf:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kandinsky5.common import UserError, get_logger
+from kandinsky5.common import UserError, get_logger, require_counts
 from kandinsky5.train.config import VALIDATION_TIMESTEPS, ValidationConfig
 from kandinsky5.train.distributed import DistContext
 from kandinsky5.train.objective import batch_to_device, flow_matching_loss
@@ -67,9 +67,7 @@ def add_validation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def validation_config_from_args(args: argparse.Namespace) -> ValidationConfig:
-    for name in ("validate_every_n_steps", "validate_every_n_epochs"):
-        if vars(args)[name] is not None and vars(args)[name] < 1:
-            raise UserError(f"--{name} must be >= 1, got {vars(args)[name]}")
+    require_counts(args, ("validate_every_n_steps", "validate_every_n_epochs"))
     return ValidationConfig(
         split=args.validation_split,
         every_n_steps=args.validate_every_n_steps,
