@@ -173,6 +173,18 @@ def new_network(cfg: TrainConfig, module: ModuleType, dit) -> torch.nn.Module:
     return network
 
 
+def meta_network(cfg: TrainConfig, module: ModuleType) -> torch.nn.Module:
+    """:func:`new_network` on a weightless (meta) DiT, for checks and plans before loading; with
+    ``--dim_from_weights`` the file's tensors stay on the CPU (its alphas are read as numbers)."""
+    from kandinsky5.model.dit import DiT
+
+    with torch.device("meta"):
+        dit = DiT(cfg.task.dit)
+        if not cfg.network.dim_from_weights:
+            return new_network(cfg, module, dit)
+    return new_network(cfg, module, dit)
+
+
 def build_network(cfg: TrainConfig, dit) -> tuple[torch.nn.Module, ModuleType]:
     """Import --network_module, merge --base_weights, create (or load) the network and apply it to ``dit``."""
     from kandinsky5.train import prechecks

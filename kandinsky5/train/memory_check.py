@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-import torch
-
 from kandinsky5.common import UserError, get_logger
 from kandinsky5.memory.activations import StepShape, Workload, network_workload, optimizer_kind
 from kandinsky5.memory.planner import Planner, RunPlan, check_memory, distinct, sampling_shape
@@ -36,16 +34,10 @@ def lora_shapes_of(network) -> tuple[tuple[int, int], ...] | None:
 
 def _meta_network(cfg: TrainConfig):
     """The network the trainer builds (any adapter kind; ``--dim_from_weights``: the file's), on a meta DiT."""
-    from kandinsky5.model.dit import DiT
-    from kandinsky5.train.adapters import new_network
+    from kandinsky5.train.adapters import meta_network
 
     try:
-        module = importlib.import_module(cfg.network.module)
-        with torch.device("meta"):
-            dit = DiT(cfg.task.dit)
-            if not cfg.network.dim_from_weights:
-                return new_network(cfg, module, dit)
-        return new_network(cfg, module, dit)  # the file's tensors, read on the CPU (its alphas are read as numbers)
+        return meta_network(cfg, importlib.import_module(cfg.network.module))
     except (ImportError, ValueError, TypeError, RuntimeError, NotImplementedError, UserError) as exc:
         log.debug("memory plan: LoRA shapes from the default targets (%s)", exc)
         return None

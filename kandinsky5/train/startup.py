@@ -29,7 +29,7 @@ from kandinsky5.preflight import check_not_overwriting, check_output_dir, clean_
 from kandinsky5.train.config import TrainConfig
 from kandinsky5.train.distributed import DistContext, broadcast_object
 from kandinsky5.train.optim import optimizer_class, optimizer_class_name
-from kandinsky5.train.prechecks import create_network, import_network_module
+from kandinsky5.train.prechecks import import_network_module
 from kandinsky5.train.state import read_progress
 
 __all__ = ["add_safety_args", "MetaNetwork", "run_files", "estimate_output_bytes", "check_run"]
@@ -74,18 +74,10 @@ class MetaNetwork:
 
 def meta_network(cfg: TrainConfig) -> MetaNetwork:
     """The LoRA of this run on a meta DiT; a bad ``--network_args`` pattern fails here, before loading."""
-    from kandinsky5.model.dit import DiT
+    from kandinsky5.train.adapters import meta_network as build_on_meta
 
     n = cfg.network
-    module = import_network_module(n.module)
-    with torch.device("meta"):
-        dit = DiT(cfg.task.dit, cfg.attention)
-        if n.dim_from_weights:  # the network is the file's (adapter.network_from_file checks every key)
-            from kandinsky5.train.adapters import network_from_file
-
-            network = network_from_file(module, n.weights, dit)
-        else:
-            network = create_network(module, n, dit)
+    network = build_on_meta(cfg, import_network_module(n.module))  # --dim_from_weights: every key of the file checked
     alpha = n.alpha if n.alpha else float(n.dim)
     return MetaNetwork(network, {k: tuple(v.shape) for k, v in network.state_dict().items()}, alpha)
 
